@@ -1,0 +1,80 @@
+"""Backend registry and the "auto" choice.
+
+A backend is an object with:
+  name
+  unavailable_reason(device) -> None, or a sentence saying why it cannot run on that device
+  supcon_rows(z, labels, temperature, margin, operand_dtype) -> (L [N], |P(i)| [N], clipped [N]),
+      differentiable in z (z normalized, float32/float64; operand_dtype = the features' dtype,
+      which fused kernels use for their matrix products)
+  supcon_forward(zr, yr, zc, yc, row_offset, temperature, margin) -> (L [n], lse [n], |P| [n], clipped [n])
+      anchors zr (global rows row_offset .. row_offset+n-1) against all rows zc; no autograd
+  supcon_backward(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c, temperature, margin)
+      -> dL/dzr [n, D] float32/64 by the symmetric pair term of SPEC 1.3 (reference.supcon_backward)
+  The two primitives are what ffkern._supcon_function and the distributed loss are built on.
+  goodness(h, kind, skip_tokens) -> [B]
+  pair_loss(loss, h_pos, h_neg, param, kind, skip_tokens) -> scalar, loss in ("ff", "symba", "sffa")
+Backends are imported lazily: importing ffkern imports neither triton nor a compiled extension.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton")
+_MODULES = {
+    "reference": ("ffkern.reference", "ReferenceBackend"),
+    "triton": ("ffkern.kernels", "TritonBackend"),
+}
+_instances: dict = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """A named backend cannot run for these tensors (the message says why)."""
+
+
+def _instance(name: str):
+    if name not in _instances:
+        module, cls = _MODULES[name]
+        _instances[name] = getattr(importlib.import_module(module), cls)()
+    return _instances[name]
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def auto_order(device: torch.device):
+    """Backends "auto" tries, fastest first, for tensors on ``device``."""
+    if device.type == "cuda":
+        return ("triton", "reference")
+    return ("reference",)
+
+
+def resolve(backend, device: torch.device):
+    """Returns the backend object to use for tensors on ``device``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    source = "backend"
+    if backend == "auto":
+        env = os.environ.get("FFKERN_BACKEND", "").strip()
+        if env and env != "auto":
+            backend, source = env, "FFKERN_BACKEND"
+    if backend == "auto":
+        for name in auto_order(device):
+            if name == "triton" and not triton_importable():
+                continue
+            impl = _instance(name)
+            if impl.unavailable_reason(device) is None:
+                return impl
+        return _instance("reference")
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "triton" and not triton_importable():
+        raise BackendUnavailable("backend 'triton' needs the triton package, which is not installed (pip install triton)")
+    impl = _instance(backend)
+    why = impl.unavailable_reason(device)
+    if why is not None:
+        raise BackendUnavailable(f"backend {backend!r} cannot run here: {why}")
+    return impl

@@ -1,0 +1,151 @@
+"""The reference backend: plain PyTorch, written to read like SPEC.md. It is the executable spec
+that every other backend is tested against. It builds the N x N similarity matrix, so it needs
+O(N^2) memory; the other backends do not.
+
+All arithmetic runs in float32 (float64 inputs stay float64).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def supcon_rows(z: torch.Tensor, labels: torch.Tensor, temperature: float, margin: float):
+    """Per-anchor marginal SupCon loss L_i (SPEC 1.2, steps 2-5) on rows z [N, D].
+
+    Returns (L [N], |P(i)| [N] int32, clipped positives [N] int32).
+    """
+    z = z.to(compute_dtype(z.dtype))
+    n = z.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=z.device)
+    pos = (labels[:, None] == labels[None, :]) & ~eye  # M_ij
+    s = z @ z.T  # s_ij
+    t = torch.where(pos, torch.clamp(s + margin, max=1.0), s)  # t_ij: margin on positives, clipped at 1
+    logits = (t / temperature).masked_fill(eye, float("-inf"))  # l_ij, self-pair excluded
+    num_pos = pos.sum(1)
+    clipped = (pos & (s + margin >= 1.0)).sum(1)  # SPEC 1.4
+    if n == 1:  # no pair exists: L = 0 (and logsumexp over nothing would give NaN gradients)
+        return (z.sum() * 0.0).expand(1), num_pos.int(), clipped.int()
+    lse = torch.logsumexp(logits, dim=1)
+    pos_mean = logits.masked_fill(~pos, 0.0).sum(1) / num_pos.clamp(min=1)
+    loss = torch.where(num_pos > 0, lse - pos_mean, torch.zeros_like(lse))
+    return loss, num_pos.int(), clipped.int()
+
+
+def supcon_forward(zr, yr, zc, yc, row_offset: int, temperature: float, margin: float):
+    """Forward statistics of anchors ``zr`` (global rows row_offset ..) against all rows ``zc``.
+
+    The primitive that the fused backends implement without the N x N matrix; here it is written
+    out with it. Returns (L [n], lse [n], |P(i)| [n] int32, clipped [n] int32); no autograd.
+    """
+    with torch.no_grad():
+        dt = compute_dtype(zr.dtype)
+        s = zr.to(dt) @ zc.to(dt).T
+        n, n_all = s.shape
+        self_pair = torch.arange(n, device=s.device)[:, None] + row_offset == torch.arange(n_all, device=s.device)[None, :]
+        pos = (yr[:, None] == yc[None, :]) & ~self_pair
+        logits = torch.where(pos, torch.clamp(s + margin, max=1.0), s) / temperature
+        logits = logits.masked_fill(self_pair, float("-inf"))
+        lse = torch.logsumexp(logits, dim=1)
+        num_pos = pos.sum(1)
+        pos_mean = logits.masked_fill(~pos, 0.0).sum(1) / num_pos.clamp(min=1)
+        loss = torch.where(num_pos > 0, lse - pos_mean, torch.zeros_like(lse))
+        clipped = (pos & (s + margin >= 1.0)).sum(1)
+        return loss, lse, num_pos.int(), clipped.int()
+
+
+def supcon_backward(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c, temperature, margin):
+    """dL/dz for the anchors ``zr`` by the symmetric pair term of SPEC 1.3:
+
+        dz_k = sum_{j != k} (G_kj + G_jk) z_j,   G_ij = kappa_ij (a_i p_ij - b_i M_ij),
+        a_i = g_i w_i / tau,  b_i = a_i / |P(i)|,  p_ij = exp(l_ij - lse_i).
+
+    ``*_r`` are the statistics of the anchors, ``*_c`` those of all rows (the same tensors when
+    anchors are all rows). Written out with N x N matrices; the fused backends sweep tiles instead.
+    """
+    with torch.no_grad():
+        dt = compute_dtype(zr.dtype)
+        zr, zc = zr.to(dt), zc.to(dt)
+        s = zr @ zc.T
+        n, n_all = s.shape
+        self_pair = torch.arange(n, device=s.device)[:, None] + row_offset == torch.arange(n_all, device=s.device)[None, :]
+        pos = (yr[:, None] == yc[None, :]) & ~self_pair
+        logits = torch.where(pos, torch.clamp(s + margin, max=1.0), s) / temperature
+        kappa = ~(pos & (s + margin > 1.0)) & ~self_pair  # clipped positives pass no gradient
+        p_kj = torch.exp(logits - lse_r[:, None])
+        p_jk = torch.exp(logits - lse_c[None, :])
+        g_sym = a_r[:, None] * p_kj + a_c[None, :] * p_jk - (b_r[:, None] + b_c[None, :]) * pos
+        g_sym = torch.where(kappa, g_sym, torch.zeros_like(g_sym))
+        return g_sym @ zc
+
+
+def goodness(h: torch.Tensor, kind: str = "mean", skip_tokens: int = 0) -> torch.Tensor:
+    """g(h) of SPEC 2: mean (or sum) over features of the squared token-mean activation."""
+    h = h.to(compute_dtype(h.dtype))
+    if h.dim() == 3:
+        h = h[:, skip_tokens:, :].mean(1)
+    sq = h.square()
+    return sq.mean(-1) if kind == "mean" else sq.sum(-1)
+
+
+def ff_loss(h_pos, h_neg, threshold: float, kind: str = "mean", skip_tokens: int = 0):
+    """Hinton (2022): mean over the 2B values of softplus(theta - g+) and softplus(g- - theta)."""
+    g_pos, g_neg = goodness(h_pos, kind, skip_tokens), goodness(h_neg, kind, skip_tokens)
+    return torch.cat([F.softplus(threshold - g_pos), F.softplus(g_neg - threshold)]).mean()
+
+
+def symba_loss(h_pos, h_neg, alpha: float, kind: str = "mean", skip_tokens: int = 0):
+    """SymBa (Lee & Song 2023): mean_b softplus(-alpha (g+_b - g-_b))."""
+    g_pos, g_neg = goodness(h_pos, kind, skip_tokens), goodness(h_neg, kind, skip_tokens)
+    return F.softplus(-alpha * (g_pos - g_neg)).mean()
+
+
+SFFA_EPS = 1e-4
+
+
+def sffa_q(h: torch.Tensor, skip_tokens: int = 0) -> torch.Tensor:
+    """q = mean(h_P^2) / (mean(h_P^2) + mean(h_N^2)), P the first half of the units, N the second."""
+    h = h.to(compute_dtype(h.dtype))
+    if h.dim() == 3:
+        h = h[:, skip_tokens:, :].mean(1)
+    half = h.shape[-1] // 2
+    m_p = h[:, :half].square().mean(-1)
+    m_n = h[:, half:].square().mean(-1)
+    return torch.clamp(m_p / (m_p + m_n), SFFA_EPS, 1.0 - SFFA_EPS)
+
+
+def sffa_loss(h_pos, h_neg, kind: str = "mean", skip_tokens: int = 0):
+    """SFFA (Terres-Escudero et al. 2024): -mean over the 2B values of log q(h+) and log(1 - q(h-)).
+
+    ``kind`` does not change q (both halves have D/2 units); it is accepted for a uniform signature.
+    """
+    q_pos, q_neg = sffa_q(h_pos, skip_tokens), sffa_q(h_neg, skip_tokens)
+    return -torch.cat([q_pos.log(), (1.0 - q_neg).log()]).mean()
+
+
+PAIR_LOSSES = {"ff": ff_loss, "symba": symba_loss, "sffa": sffa_loss}
+
+
+class ReferenceBackend:
+    name = "reference"
+
+    def unavailable_reason(self, device: torch.device):
+        return None  # runs everywhere
+
+    def supcon_rows(self, z, labels, temperature, margin, operand_dtype=None):
+        return supcon_rows(z, labels, temperature, margin)
+
+    supcon_forward = staticmethod(supcon_forward)
+    supcon_backward = staticmethod(supcon_backward)
+
+    def goodness(self, h, kind, skip_tokens):
+        return goodness(h, kind, skip_tokens)
+
+    def pair_loss(self, loss, h_pos, h_neg, param, kind, skip_tokens):
+        if loss == "sffa":
+            return sffa_loss(h_pos, h_neg, kind, skip_tokens)
+        return PAIR_LOSSES[loss](h_pos, h_neg, param, kind, skip_tokens)
