@@ -1,0 +1,216 @@
+"""Fused Triton kernels of the Forward-Forward goodness losses (SPEC 2), launchers and autograd.
+
+Forward reads each activation tensor once: per sample the token mean hbar (tokens t >= skip) and
+the energies e1 = sum_{d < split} hbar_d^2, e2 = sum_{d >= split} hbar_d^2 (split = D/2 for SFFA,
+D otherwise), then the loss term of the sample and the coefficients c1, c2 of its gradient,
+        dterm/dhbar_d = c1 hbar_d (d < split),  c2 hbar_d (d >= split).
+Backward reads the activations once more to rebuild hbar and writes
+        dL/dh_{b,t,d} = scale * c_b(d) * hbar_{b,d} / T'   (t >= skip; 0 for skipped tokens),
+T' = T - skip, scale = upstream gradient times the loss's 1/(2B) or 1/B.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import is_interpreter
+
+GOODNESS, FF, SYMBA, SFFA = 0, 1, 2, 3
+LOSS_IDS = {"ff": FF, "symba": SYMBA, "sffa": SFFA}
+SFFA_EPS = 1e-4  # q is clamped to [eps, 1 - eps]
+
+
+@triton.jit
+def _energies(H, rows, rmask, T, dim, skip, stride_b, stride_t, inv_count, split,
+              ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    e1 = tl.zeros([BLOCK_B], ACC)
+    e2 = tl.zeros([BLOCK_B], ACC)
+    dk = tl.arange(0, BLOCK_D)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + dk
+        mask = rmask[:, None] & (d[None, :] < dim)
+        total = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+        for t in range(skip, T):
+            total += tl.load(H + rows[:, None] * stride_b + t * stride_t + d[None, :], mask=mask, other=0.0).to(ACC)
+        sq = total * inv_count
+        sq = sq * sq
+        e1 += tl.sum(tl.where(d[None, :] < split, sq, 0.0), 1)
+        e2 += tl.sum(tl.where(d[None, :] < split, 0.0, sq), 1)
+    return e1, e2
+
+
+@triton.jit
+def _softplus(x):
+    # log(1 + e^x) without overflow
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _sffa_term(e1, e2, NEGATIVE: tl.constexpr, eps):
+    """-log q (positive) or -log(1 - q) (negative), q = e1 / (e1 + e2) clamped to [eps, 1 - eps];
+    returns the term and c1, c2 (the clamp passes no gradient outside its range)."""
+    total = e1 + e2
+    q_raw = e1 / total
+    q = tl.minimum(tl.maximum(q_raw, eps), 1.0 - eps)
+    inside = (q_raw >= eps) & (q_raw <= 1.0 - eps)
+    if NEGATIVE:
+        term = -tl.log(1.0 - q)
+        dq = 1.0 / (1.0 - q)
+    else:
+        term = -tl.log(q)
+        dq = -1.0 / q
+    dq = tl.where(inside, dq, 0.0)
+    # dq/de1 = e2 / total^2, dq/de2 = -e1 / total^2, de/dhbar_d = 2 hbar_d
+    c1 = 2.0 * dq * e2 / (total * total)
+    c2 = -2.0 * dq * e1 / (total * total)
+    return term, c1, c2
+
+
+@triton.jit
+def _ff_fwd_kernel(HP, HN, OUT, COEF, B, T, dim, skip, stride_pb, stride_pt, stride_nb, stride_nt,
+                   inv_count, split, gscale, param, eps,
+                   LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    p1, p2 = _energies(HP, rows, rmask, T, dim, skip, stride_pb, stride_pt, inv_count, split, ACC, BLOCK_B, BLOCK_D)
+    if LOSS == 0:  # goodness only: g = gscale * sum_d hbar_d^2
+        tl.store(OUT + rows, (p1 + p2) * gscale, mask=rmask)
+    else:
+        n1, n2 = _energies(HN, rows, rmask, T, dim, skip, stride_nb, stride_nt, inv_count, split, ACC, BLOCK_B, BLOCK_D)
+        g_pos = (p1 + p2) * gscale
+        g_neg = (n1 + n2) * gscale
+        if LOSS == 1:  # FF: softplus(theta - g+) + softplus(g- - theta)
+            term = _softplus(param - g_pos) + _softplus(g_neg - param)
+            c_p1 = -2.0 * gscale * _sigmoid(param - g_pos)
+            c_n1 = 2.0 * gscale * _sigmoid(g_neg - param)
+            c_p2 = c_p1
+            c_n2 = c_n1
+        elif LOSS == 2:  # SymBa: softplus(-alpha (g+ - g-))
+            x = -param * (g_pos - g_neg)
+            term = _softplus(x)
+            c_p1 = -2.0 * gscale * param * _sigmoid(x)
+            c_n1 = -c_p1
+            c_p2 = c_p1
+            c_n2 = c_n1
+        else:  # SFFA
+            term_p, c_p1, c_p2 = _sffa_term(p1, p2, False, eps)
+            term_n, c_n1, c_n2 = _sffa_term(n1, n2, True, eps)
+            term = term_p + term_n
+        tl.store(OUT + rows, term, mask=rmask)
+        tl.store(COEF + rows, c_p1, mask=rmask)
+        tl.store(COEF + B + rows, c_p2, mask=rmask)
+        tl.store(COEF + 2 * B + rows, c_n1, mask=rmask)
+        tl.store(COEF + 3 * B + rows, c_n2, mask=rmask)
+
+
+@triton.jit
+def _ff_bwd_kernel(H, DH, C1, C2, SCALE, B, T, dim, skip, stride_b, stride_t, stride_db, stride_dt,
+                   inv_count, split, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rmask = rows < B
+    scale = tl.load(SCALE).to(ACC) * inv_count
+    c1 = tl.load(C1 + rows, mask=rmask, other=0.0) * scale
+    c2 = tl.load(C2 + rows, mask=rmask, other=0.0) * scale
+    dk = tl.arange(0, BLOCK_D)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + dk
+        mask = rmask[:, None] & (d[None, :] < dim)
+        total = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+        for t in range(skip, T):
+            total += tl.load(H + rows[:, None] * stride_b + t * stride_t + d[None, :], mask=mask, other=0.0).to(ACC)
+        grad = tl.where(d[None, :] < split, c1[:, None], c2[:, None]) * (total * inv_count)
+        for t in range(0, T):
+            value = tl.where(t >= skip, grad, 0.0)
+            tl.store(DH + rows[:, None] * stride_db + t * stride_dt + d[None, :], value.to(DH.dtype.element_ty), mask=mask)
+
+
+def _as_btd(h: torch.Tensor) -> torch.Tensor:
+    h = h if h.dim() == 3 else h.unsqueeze(1)
+    return h if h.stride(-1) == 1 else h.contiguous()
+
+
+def _blocks(dim: int):
+    block_d = min(triton.next_power_of_2(dim), 256 if is_interpreter() else 128)
+    block_b = max(1, (1024 if is_interpreter() else 2048) // block_d)
+    return block_b, block_d
+
+
+def _acc_dtypes(dtype):
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _forward(loss_id, h_pos, h_neg, param, kind, skip):
+    hp = _as_btd(h_pos)
+    hn = _as_btd(h_neg) if h_neg is not None else hp
+    batch, tokens, dim = hp.shape
+    acc, out_dtype = _acc_dtypes(hp.dtype)
+    out = torch.empty(batch, dtype=out_dtype, device=hp.device)
+    coef = torch.empty((4, batch) if loss_id != GOODNESS else (1,), dtype=out_dtype, device=hp.device)
+    split = dim // 2 if loss_id == SFFA else dim
+    gscale = 1.0 / dim if kind == "mean" else 1.0
+    block_b, block_d = _blocks(dim)
+    _ff_fwd_kernel[(triton.cdiv(batch, block_b),)](
+        hp, hn, out, coef, batch, tokens, dim, skip, hp.stride(0), hp.stride(1), hn.stride(0), hn.stride(1),
+        1.0 / (tokens - skip), split, gscale, 0.0 if param is None else float(param), SFFA_EPS,
+        LOSS=loss_id, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
+    return out, coef, split, gscale
+
+
+def _backward(h, c1, c2, scale, skip, split):
+    h3 = _as_btd(h)
+    batch, tokens, dim = h3.shape
+    dh = torch.empty(h3.shape, dtype=h.dtype, device=h.device)
+    acc, _ = _acc_dtypes(h.dtype)
+    block_b, block_d = _blocks(dim)
+    _ff_bwd_kernel[(triton.cdiv(batch, block_b),)](
+        h3, dh, c1, c2, scale, batch, tokens, dim, skip, h3.stride(0), h3.stride(1), dh.stride(0), dh.stride(1),
+        1.0 / (tokens - skip), split, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
+    return dh.view(h.shape)
+
+
+class Goodness(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, kind, skip):
+        g, _, split, gscale = _forward(GOODNESS, h, None, None, kind, skip)
+        ctx.save_for_backward(h)
+        ctx.skip, ctx.split, ctx.gscale = skip, split, gscale
+        return g
+
+    @staticmethod
+    def backward(ctx, grad_g):
+        (h,) = ctx.saved_tensors
+        c = (grad_g * (2.0 * ctx.gscale)).contiguous()  # dg/dhbar_d = 2 gscale hbar_d
+        one = torch.ones(1, dtype=c.dtype, device=c.device)
+        return _backward(h, c, c, one, ctx.skip, ctx.split), None, None
+
+
+class PairLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_pos, h_neg, loss, param, kind, skip):
+        terms, coef, split, _ = _forward(LOSS_IDS[loss], h_pos, h_neg, param, kind, skip)
+        ctx.norm = 1.0 / terms.shape[0] if loss == "symba" else 0.5 / terms.shape[0]  # mean over B or 2B
+        ctx.save_for_backward(h_pos, h_neg, coef)
+        ctx.skip, ctx.split = skip, split
+        return terms.sum() * ctx.norm
+
+    @staticmethod
+    def backward(ctx, grad):
+        h_pos, h_neg, coef = ctx.saved_tensors
+        scale = (grad.to(coef.dtype) * ctx.norm).reshape(1)
+        d_pos = _backward(h_pos, coef[0], coef[1], scale, ctx.skip, ctx.split) if ctx.needs_input_grad[0] else None
+        d_neg = _backward(h_neg, coef[2], coef[3], scale, ctx.skip, ctx.split) if ctx.needs_input_grad[1] else None
+        return d_pos, d_neg, None, None, None, None
+
+
+def goodness(h, kind="mean", skip_tokens=0):
+    return Goodness.apply(h, kind, skip_tokens)
+
+
+def pair_loss(loss, h_pos, h_neg, param, kind="mean", skip_tokens=0):
+    return PairLoss.apply(h_pos, h_neg, loss, param, kind, skip_tokens)

@@ -1,0 +1,209 @@
+"""Fused Triton kernels of the marginal supervised contrastive loss (SPEC 1), and their launchers.
+
+Both kernels tile the similarity matrix s = z z^T into [BLOCK_M x BLOCK_N] tiles and never store it:
+  forward   one program owns BLOCK_M anchors and sweeps all column tiles with an online logsumexp
+            (FlashAttention style), writing per anchor L_i, lse_i, |P(i)| and the clipped count.
+  backward  one program owns BLOCK_M rows k and sweeps all column tiles j, recomputing s from z and
+            forming the symmetric pair term of SPEC 1.3,
+                dz_k = sum_{j != k} (G_kj + G_jk) z_j,  G_ij = kappa_ij (a_i p_ij - b_i M_ij),
+            which needs only per-row statistics (lse, a, b) of both k and j: no atomics, no N x N
+            buffer, O(N*D) memory.
+Anchors (rows, "r") are a contiguous slice of all rows ("c") starting at global index row_offset;
+single-process use passes the same tensor for both (row_offset 0), the distributed loss passes
+the local rows against the gathered global batch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import dot_precision, is_interpreter
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST: the interpreter's numpy matmul cannot read bfloat16, so there the
+    operands are widened to fp32 first (exact: bf16 products are exact in fp32)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
+                     ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    """s_ij = z_i . z_j for a tile; returns (s, z_j) (z_j [BLOCK_N, BLOCK_D] is only loaded whole
+    when SINGLE_D: the feature dimension fits one block, so backward can reuse it)."""
+    if SINGLE_D:
+        z_j = tl.load(ZC + cols[:, None] * stride_c + dk[None, :], mask=cmask[:, None] & (dk[None, :] < dim), other=0.0)
+        s = _dot(z_i, tl.trans(z_j), tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION, UPCAST)
+    else:
+        z_j = tl.zeros([BLOCK_N, BLOCK_D], ZC.dtype.element_ty)  # unused
+        s = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+        for d0 in range(0, dim, BLOCK_D):
+            d = d0 + dk
+            a = tl.load(ZR + rows[:, None] * stride_r + d[None, :], mask=rmask[:, None] & (d[None, :] < dim), other=0.0)
+            b = tl.load(ZC + cols[None, :] * stride_c + d[:, None], mask=cmask[None, :] & (d[:, None] < dim), other=0.0)
+            s = _dot(a, b, s, PRECISION, UPCAST)
+    return s, z_j
+
+
+@triton.jit
+def _supcon_fwd_kernel(ZR, ZC, YR, YC, LOSS, LSE, NPOS, NCLIP,
+                       n_rows, n_cols, dim, row_offset, stride_r, stride_c, inv_tau, margin,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    dk = tl.arange(0, BLOCK_D)
+    y_i = tl.load(YR + rows, mask=rmask, other=0)
+    row_global = rows + row_offset
+    if SINGLE_D:
+        z_i = tl.load(ZR + rows[:, None] * stride_r + dk[None, :], mask=rmask[:, None] & (dk[None, :] < dim), other=0.0)
+    else:
+        z_i = tl.zeros([BLOCK_M, BLOCK_D], ZR.dtype.element_ty)  # unused
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)  # running max of l_ij
+    sum_exp = tl.zeros([BLOCK_M], ACC)  # sum_j exp(l_ij - m_i)
+    pos_logits = tl.zeros([BLOCK_M], ACC)  # sum_{j in P(i)} l_ij
+    num_pos = tl.zeros([BLOCK_M], tl.int32)
+    num_clipped = tl.zeros([BLOCK_M], tl.int32)
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        cmask = cols < n_cols
+        s, z_j = _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
+                                  ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST)
+        y_j = tl.load(YC + cols, mask=cmask, other=0)
+        valid = rmask[:, None] & cmask[None, :] & (row_global[:, None] != cols[None, :])  # j != i
+        pos = valid & (y_i[:, None] == y_j[None, :])  # M_ij
+        logits = tl.where(pos, tl.minimum(s + margin, 1.0), s) * inv_tau  # l_ij = t_ij / tau
+        logits = tl.where(valid, logits, float("-inf"))
+        # online logsumexp; m_safe keeps exp() finite while a row has seen no valid column yet
+        m_new = tl.maximum(m_i, tl.max(logits, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        sum_exp = sum_exp * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), 1)
+        m_i = m_new
+        pos_logits += tl.sum(tl.where(pos, logits, 0.0), 1)
+        num_pos += tl.sum(pos.to(tl.int32), 1)
+        num_clipped += tl.sum((pos & (s + margin >= 1.0)).to(tl.int32), 1)  # SPEC 1.4 diagnostic
+
+    lse = m_i + tl.log(sum_exp)
+    loss = tl.where(num_pos > 0, lse - pos_logits / tl.maximum(num_pos, 1).to(ACC), 0.0)
+    tl.store(LOSS + rows, loss, mask=rmask)
+    tl.store(LSE + rows, lse, mask=rmask)
+    tl.store(NPOS + rows, num_pos, mask=rmask)
+    tl.store(NCLIP + rows, num_clipped, mask=rmask)
+
+
+@triton.jit
+def _supcon_bwd_kernel(ZR, ZC, YR, YC, LSE_R, A_R, B_R, LSE_C, A_C, B_C, DZ,
+                       n_rows, n_cols, dim, row_offset, stride_r, stride_c, stride_dz, inv_tau, margin,
+                       ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
+                       UPCAST: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    dk = tl.arange(0, BLOCK_D)
+    y_k = tl.load(YR + rows, mask=rmask, other=0)
+    lse_k = tl.load(LSE_R + rows, mask=rmask, other=0.0)
+    a_k = tl.load(A_R + rows, mask=rmask, other=0.0)
+    b_k = tl.load(B_R + rows, mask=rmask, other=0.0)
+    row_global = rows + row_offset
+    if SINGLE_D:
+        z_k = tl.load(ZR + rows[:, None] * stride_r + dk[None, :], mask=rmask[:, None] & (dk[None, :] < dim), other=0.0)
+    else:
+        z_k = tl.zeros([BLOCK_M, BLOCK_D], ZR.dtype.element_ty)  # unused
+    dz = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
+        cmask = cols < n_cols
+        s, z_j = _similarity_tile(z_k, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
+                                  ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST)
+        y_j = tl.load(YC + cols, mask=cmask, other=0)
+        lse_j = tl.load(LSE_C + cols, mask=cmask, other=0.0)
+        a_j = tl.load(A_C + cols, mask=cmask, other=0.0)
+        b_j = tl.load(B_C + cols, mask=cmask, other=0.0)
+        valid = rmask[:, None] & cmask[None, :] & (row_global[:, None] != cols[None, :])
+        pos = valid & (y_k[:, None] == y_j[None, :])
+        logits = tl.where(pos, tl.minimum(s + margin, 1.0), s) * inv_tau
+        # kappa: a clipped positive (s + m > 1, strictly, as torch.clamp) passes no gradient
+        kappa = valid & ~(pos & (s + margin > 1.0))
+        # G_kj + G_jk; l_kj = l_jk because s and M are symmetric
+        g = a_k[:, None] * tl.exp(logits - lse_k[:, None]) + a_j[None, :] * tl.exp(logits - lse_j[None, :])
+        g = g - tl.where(pos, b_k[:, None] + b_j[None, :], 0.0)
+        g = tl.where(kappa, g, 0.0).to(ZC.dtype.element_ty)  # tensor-core operand in the input dtype
+        if SINGLE_D:
+            dz = _dot(g, z_j, dz, PRECISION, UPCAST)
+        else:
+            # D does not fit one block: this program owns its rows of DZ, so it accumulates there
+            # (read-modify-write, no atomics) one feature block at a time.
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + dk
+                dmask = d[None, :] < dim
+                zc = tl.load(ZC + cols[:, None] * stride_c + d[None, :], mask=cmask[:, None] & dmask, other=0.0)
+                ptr = DZ + rows[:, None] * stride_dz + d[None, :]
+                prev = tl.load(ptr, mask=rmask[:, None] & dmask, other=0.0)
+                tl.store(ptr, _dot(g, zc, prev, PRECISION, UPCAST), mask=rmask[:, None] & dmask)
+    if SINGLE_D:
+        tl.store(DZ + rows[:, None] * stride_dz + dk[None, :], dz, mask=rmask[:, None] & (dk[None, :] < dim))
+
+
+MAX_SINGLE_D = 256  # up to this feature width a program keeps its rows' z and dz in registers
+
+
+def _config(dim: int, dtype: torch.dtype):
+    block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs every block dim >= 16
+    single = block_d <= MAX_SINGLE_D
+    if not single:
+        block_d = 64
+    if is_interpreter():
+        # numpy runs one program at a time: fewer, larger programs are faster
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, SINGLE_D=single, UPCAST=dtype == torch.bfloat16), 1
+    wide = single and block_d > 128
+    block_m = 64
+    block_n = 32 if (wide or dtype in (torch.float32, torch.float64)) else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single, UPCAST=False), (8 if wide else 4)
+
+
+def _acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def supcon_forward(zr, yr, zc, yc, row_offset: int, temperature: float, margin: float):
+    """Anchors zr [n, D] (global rows row_offset..) against all rows zc [N, D].
+    Returns (L [n], lse [n], |P(i)| [n] int32, clipped [n] int32)."""
+    zr, zc = zr.contiguous(), zc.contiguous()
+    n, dim = zr.shape
+    out_dtype = torch.float64 if zr.dtype == torch.float64 else torch.float32
+    loss = torch.empty(n, dtype=out_dtype, device=zr.device)
+    lse = torch.empty_like(loss)
+    num_pos = torch.empty(n, dtype=torch.int32, device=zr.device)
+    num_clipped = torch.empty_like(num_pos)
+    cfg, warps = _config(dim, zr.dtype)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    _supcon_fwd_kernel[grid](zr, zc, yr.contiguous(), yc.contiguous(), loss, lse, num_pos, num_clipped,
+                             n, zc.shape[0], dim, row_offset, zr.stride(0), zc.stride(0),
+                             1.0 / temperature, margin, ACC=_acc(zr.dtype), PRECISION=dot_precision(zr.dtype),
+                             num_warps=warps, **cfg)
+    return loss, lse, num_pos, num_clipped
+
+
+def supcon_backward(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c, temperature, margin):
+    """dL/dz of the anchors zr (float32; float64 for float64 inputs), SPEC 1.3."""
+    zr, zc = zr.contiguous(), zc.contiguous()
+    n, dim = zr.shape
+    out_dtype = torch.float64 if zr.dtype == torch.float64 else torch.float32
+    cfg, warps = _config(dim, zr.dtype)
+    dz = (torch.empty if cfg["SINGLE_D"] else torch.zeros)((n, dim), dtype=out_dtype, device=zr.device)
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
+    stats = [t.contiguous().to(out_dtype) for t in (lse_r, a_r, b_r, lse_c, a_c, b_c)]
+    _supcon_bwd_kernel[grid](zr, zc, yr.contiguous(), yc.contiguous(), *stats, dz,
+                             n, zc.shape[0], dim, row_offset, zr.stride(0), zc.stride(0), dz.stride(0),
+                             1.0 / temperature, margin, ACC=_acc(zr.dtype), PRECISION=dot_precision(zr.dtype),
+                             num_warps=warps, **cfg)
+    return dz
