@@ -1,0 +1,243 @@
+"""The conformance suite: every backend against the reference (the executable spec), values and
+gradients, on random inputs and the edge cases of SPEC.md, plus float64 gradcheck.
+
+The reference runs on the CPU in float64 on the same input values; a backend runs on its device
+in the input dtype. A new backend joins by being registered in ffkern._backend.BACKENDS.
+"""
+import math
+
+import pytest
+import torch
+
+import ffkern
+from conftest import backend_cases
+
+BACKEND_CASES = backend_cases()
+FAST_BACKEND_CASES = [c for c in BACKEND_CASES if c.values[0] != "reference"] or BACKEND_CASES
+
+# (rtol, atol) of values and gradients, relative to the largest magnitude for low precision
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def assert_close(actual, expected, dtype, what):
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3g} > {TOL[dtype] * scale:.3g}"
+
+
+def make_features(layout, batch, views, dim, dtype, device, gen, scale=1.0):
+    """Leaf tensors in the requested layout (SPEC 1.1) and a function returning them as float64 CPU."""
+    if layout == "flat":
+        leaves = [(torch.randn(batch, dim, generator=gen, dtype=torch.float64) * scale)]
+    elif layout == "bvd":
+        leaves = [(torch.randn(batch, views, dim, generator=gen, dtype=torch.float64) * scale)]
+    else:
+        leaves = [(torch.randn(batch, dim, generator=gen, dtype=torch.float64) * scale) for _ in range(views)]
+    leaves = [t.to(dtype) for t in leaves]  # round once; both sides see the same values
+    ours = [t.to(device, copy=True).requires_grad_() for t in leaves]
+    ref = [t.to(torch.float64, copy=True).requires_grad_() for t in leaves]
+    as_input = (lambda ts: ts[0]) if layout in ("flat", "bvd") else (lambda ts: list(ts))
+    return ours, ref, as_input
+
+
+# name, layout, batch, views, dim, labels ("random", "equal", "distinct", "singletons", None), margin, tau, kwargs
+SUPCON_CASES = [
+    ("flat-oddN-oddD", "flat", 37, 1, 130, "random", 0.4, 0.15, {}),
+    ("bvd-sum", "bvd", 13, 2, 33, "random", 0.0, 0.05, dict(reduction="sum")),
+    ("list-V3-none", "list", 11, 3, 240, "random", 0.4, 1.0, dict(reduction="none")),
+    ("all-equal-margin2", "bvd", 9, 2, 17, "equal", 2.0, 0.15, {}),
+    ("all-distinct", "flat", 21, 1, 19, "distinct", 0.4, 0.15, {}),
+    ("anchors-without-positives", "flat", 29, 1, 24, "singletons", 0.4, 0.3, {}),
+    ("simclr", "list", 15, 2, 40, None, 0.4, 0.15, {}),
+    ("simclr-V3-margin2", "bvd", 7, 3, 16, None, 2.0, 0.5, dict(reduction="sum")),
+    ("multi-block", "bvd", 37, 2, 64, "random", 0.4, 0.15, {}),
+    ("wide-D-chunked", "flat", 35, 1, 300, "random", 0.4, 0.15, {}),
+    ("no-normalize", "list", 10, 2, 12, "random", 0.3, 0.5, dict(normalize=False)),
+    ("base-temperature", "bvd", 12, 2, 20, "random", 0.4, 0.1, dict(base_temperature=0.07)),
+    ("single-anchor", "flat", 1, 1, 8, "random", 0.4, 0.15, {}),
+    ("one-view-labels", "list", 17, 1, 10, "random", 0.4, 0.15, dict(reduction="none")),
+]
+
+
+def make_labels(kind, batch, gen):
+    if kind is None:
+        return None
+    if kind == "random":
+        return torch.randint(0, 4, (batch,), generator=gen)
+    if kind == "equal":
+        return torch.zeros(batch, dtype=torch.long)
+    if kind == "distinct":
+        return torch.arange(batch)
+    if kind == "singletons":  # half the samples share classes, the rest have no positive
+        labels = torch.arange(batch) + 100
+        labels[: batch // 2] = torch.randint(0, 3, (batch // 2,), generator=gen)
+        return labels
+    raise AssertionError(kind)
+
+
+@pytest.mark.usefixtures("highest_precision")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", SUPCON_CASES, ids=[c[0] for c in SUPCON_CASES])
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_supcon_matches_reference(backend, device, case, dtype):
+    name, layout, batch, views, dim, label_kind, margin, tau, kwargs = case
+    gen = torch.Generator().manual_seed(hash(name) % 2**31)
+    scale = 0.3 if kwargs.get("normalize") is False else 1.0
+    ours, ref, as_input = make_features(layout, batch, views, dim, dtype, device, gen, scale)
+    labels = make_labels(label_kind, batch, gen)
+    opts = dict(temperature=tau, margin=margin, **kwargs)
+
+    expected, ref_stats = ffkern.marginal_supcon_loss(as_input(ref), labels, backend="reference", return_stats=True, **opts)
+    got, stats = ffkern.marginal_supcon_loss(as_input(ours), None if labels is None else labels.to(device),
+                                             backend=backend, return_stats=True, **opts)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got.shape == expected.shape
+    assert_close(got, expected, dtype, f"{name} loss")
+    if dtype in (torch.float32, torch.float64):  # half-precision rounding of s may move a pair across the clip boundary
+        assert torch.equal(stats.num_positives.cpu(), ref_stats.num_positives)
+        assert torch.equal(stats.num_clipped.cpu(), ref_stats.num_clipped)
+
+    weights = torch.rand(expected.shape, generator=gen, dtype=torch.float64)  # a non-trivial upstream gradient
+    (expected * weights).sum().backward()
+    (got * weights.to(device)).sum().backward()
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        assert a.grad is not None and a.grad.dtype == dtype
+        assert_close(a.grad, b.grad, dtype, f"{name} grad of input {i}")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+@pytest.mark.parametrize("margin", [0.0, 0.4, 2.0])
+def test_supcon_gradcheck_float64(backend, device, margin):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 2, 5, generator=gen, dtype=torch.float64, device="cpu").to(device).requires_grad_()
+    labels = torch.tensor([0, 1, 0, 2, 1, 0], device=device)
+    fn = lambda x: ffkern.marginal_supcon_loss(x, labels, temperature=0.3, margin=margin, backend=backend, reduction="none")
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.15, 0.5, 1.0])
+@pytest.mark.parametrize("backend,device", FAST_BACKEND_CASES)
+def test_supcon_temperatures(backend, device, temperature):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(19, 2, 23, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 3, (19,), generator=gen)
+    expected = ffkern.marginal_supcon_loss(x, labels, temperature=temperature, margin=0.4, backend="reference")
+    got = ffkern.marginal_supcon_loss(x.to(device), labels.to(device), temperature=temperature, margin=0.4, backend=backend)
+    assert_close(got, expected, torch.float64, "loss")
+
+
+def test_supcon_hand_computed():
+    """Three unit vectors with s12 = 0, s13 = 0.6, s23 = 0.8 (tau = 0.5), computed by hand from SPEC 1.2."""
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
+    tau = 0.5
+    # labels [0, 0, 1], m = 0.3: anchor 1 has positive 2 (t = 0 + 0.3), negative 3 (s = 0.6);
+    # anchor 2 has positive 1 (t = 0.3), negative 3 (s = 0.8); anchor 3 has no positive (L = 0).
+    l1 = math.log(math.exp(0.3 / tau) + math.exp(0.6 / tau)) - 0.3 / tau
+    l2 = math.log(math.exp(0.3 / tau) + math.exp(0.8 / tau)) - 0.3 / tau
+    # labels [0, 1, 1], m = 0.5: the positive pair (2, 3) clips: min(0.8 + 0.5, 1) = 1.
+    l2c = math.log(math.exp(0.0 / tau) + math.exp(1.0 / tau)) - 1.0 / tau
+    l3c = math.log(math.exp(0.6 / tau) + math.exp(1.0 / tau)) - 1.0 / tau
+    for backend in [c.values[0] for c in BACKEND_CASES if not c.marks and c.values[1] == "cpu"]:
+        out = ffkern.marginal_supcon_loss(z, torch.tensor([0, 0, 1]), temperature=tau, margin=0.3, reduction="none", backend=backend)
+        torch.testing.assert_close(out, torch.tensor([l1, l2, 0.0], dtype=torch.float64), rtol=1e-6, atol=1e-7)
+        loss, stats = ffkern.marginal_supcon_loss(z, torch.tensor([0, 1, 1]), temperature=tau, margin=0.5, backend=backend, return_stats=True)
+        assert loss.item() == pytest.approx((l2c + l3c) / 3, rel=1e-6)
+        assert stats.num_positives.tolist() == [0, 1, 1] and stats.num_clipped.tolist() == [0, 1, 1]
+        assert stats.clipped_fraction.item() == 1.0
+        # the clipped pair passes no gradient: L2 depends on z only through s21 (and L3 through s31)
+        zg = z.clone().requires_grad_()
+        ffkern.marginal_supcon_loss(zg, torch.tensor([0, 1, 1]), temperature=tau, margin=0.5, normalize=False,
+                                    reduction="sum", backend=backend).backward()
+        p21 = math.exp(0.0) / (math.exp(0.0) + math.exp(1.0 / tau))
+        p31 = math.exp(0.6 / tau) / (math.exp(0.6 / tau) + math.exp(1.0 / tau))
+        # dL/dz1 = (dL2/ds21 + dL3/ds31 terms) = p21/tau z2 + p31/tau z3
+        expected_dz1 = (p21 * z[1] + p31 * z[2]) / tau
+        torch.testing.assert_close(zg.grad[0], expected_dz1, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------- FF goodness losses (SPEC 2)
+
+FF_SHAPES = [(7, 130), (5, 4, 6), (3, 1, 8), (33, 240)]
+
+
+def ff_inputs(shape, dtype, device, gen, scale=1.0):
+    leaves = [(torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype) for _ in range(2)]
+    return ([t.to(device, copy=True).requires_grad_() for t in leaves],
+            [t.to(torch.float64, copy=True).requires_grad_() for t in leaves])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["mean", "sum"])
+@pytest.mark.parametrize("shape", FF_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("loss", ["ff", "symba", "sffa", "goodness"])
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_ff_losses_match_reference(backend, device, loss, shape, kind, dtype):
+    if loss == "sffa" and shape[-1] % 2:
+        pytest.skip("SFFA needs an even D (odd D is a ValueError, tested below)")
+    gen = torch.Generator().manual_seed(11)
+    skip = 1 if len(shape) == 3 and shape[1] > 1 else 0
+    scale = 2.0 if kind == "mean" else 0.4  # goodness near the threshold: both softplus branches matter
+    ours, ref, = ff_inputs(shape, dtype, device, gen, scale)
+
+    def run(h, backend):
+        if loss == "goodness":
+            return ffkern.ff_goodness(h[0], kind=kind, skip_tokens=skip, backend=backend)
+        fn = {"ff": ffkern.ff_loss, "symba": ffkern.symba_loss, "sffa": ffkern.sffa_loss}[loss]
+        return fn(h[0], h[1], kind=kind, skip_tokens=skip, backend=backend)
+
+    expected, got = run(ref, "reference"), run(ours, backend)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(got, expected, dtype, f"{loss} value")
+    weights = torch.rand(expected.shape, generator=gen, dtype=torch.float64)
+    (expected * weights).sum().backward()
+    (got * weights.to(device)).sum().backward()
+    for a, b in zip(ours, ref):
+        if b.grad is None:
+            assert a.grad is None or not a.grad.any()
+            continue
+        assert a.grad.dtype == dtype
+        assert_close(a.grad, b.grad, dtype, f"{loss} grad")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+@pytest.mark.parametrize("loss", ["ff", "symba", "sffa", "goodness"])
+def test_ff_gradcheck_float64(backend, device, loss):
+    gen = torch.Generator().manual_seed(5)
+    h_pos = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    h_neg = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64).to(device).requires_grad_()
+    fns = {
+        "ff": lambda a, b: ffkern.ff_loss(a, b, threshold=1.0, skip_tokens=1, backend=backend),
+        "symba": lambda a, b: ffkern.symba_loss(a, b, skip_tokens=1, backend=backend),
+        "sffa": lambda a, b: ffkern.sffa_loss(a, b, skip_tokens=1, backend=backend),
+        "goodness": lambda a, b: ffkern.ff_goodness(a, skip_tokens=1, backend=backend) * ffkern.ff_goodness(b, kind="sum", backend=backend),
+    }
+    assert torch.autograd.gradcheck(fns[loss], (h_pos, h_neg), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", FAST_BACKEND_CASES)
+def test_sffa_clamp_passes_no_gradient(backend, device):
+    """q is clamped to [1e-4, 1 - 1e-4]; outside, the clamp passes no gradient (torch.clamp)."""
+    h_pos = torch.zeros(2, 6, dtype=torch.float64)
+    h_pos[:, :3] = 1.0  # all energy in the positive half: q = 1, clamped
+    h_neg = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    h_pos, h_neg = h_pos.to(device).requires_grad_(), h_neg.to(device).requires_grad_()
+    loss = ffkern.sffa_loss(h_pos, h_neg, backend=backend)
+    ref = ffkern.sffa_loss(h_pos.detach().cpu(), h_neg.detach().cpu(), backend="reference")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    loss.backward()
+    assert not h_pos.grad.any()
+
+
+def test_modules_match_functions():
+    gen = torch.Generator().manual_seed(1)
+    x1, x2 = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
+    labels = torch.randint(0, 3, (8,), generator=gen)
+    criterion = ffkern.MarginalSupConLoss(temperature=0.15, margin=0.3)
+    assert criterion([x1, x2], labels).item() == ffkern.marginal_supcon_loss([x1, x2], labels, margin=0.3).item()
+    assert criterion([x1, x2], labels, reduction="sum").item() == pytest.approx(
+        16 * criterion([x1, x2], labels).item(), rel=1e-6)
+    assert ffkern.FFLoss(threshold=1.5)(x1, x2).item() == ffkern.ff_loss(x1, x2, threshold=1.5).item()
+    assert ffkern.SymBaLoss(alpha=2.0)(x1, x2).item() == ffkern.symba_loss(x1, x2, alpha=2.0).item()
+    h1, h2 = torch.randn(4, 3, 6, generator=gen), torch.randn(4, 3, 6, generator=gen)
+    assert ffkern.SFFALoss(skip_tokens=1)(h1, h2).item() == ffkern.sffa_loss(h1, h2, skip_tokens=1).item()
