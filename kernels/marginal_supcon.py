@@ -158,15 +158,18 @@ MAX_SINGLE_D = 256  # up to this feature width a program keeps its rows' z and d
 
 def _config(dim: int, dtype: torch.dtype):
     block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs every block dim >= 16
-    single = block_d <= MAX_SINGLE_D
+    # z tiles of both operands are staged in shared memory: keep them within the sm_80/sm_90 limits
+    # (tests/triton_compile_check.py compiles every configuration and checks the figure)
+    single = block_d <= (128 if dtype == torch.float64 else MAX_SINGLE_D)
     if not single:
         block_d = 64
     if is_interpreter():
         # numpy runs one program at a time: fewer, larger programs are faster
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, SINGLE_D=single, UPCAST=dtype == torch.bfloat16), 1
+    four_byte = dtype in (torch.float32, torch.float64)
     wide = single and block_d > 128
-    block_m = 64
-    block_n = 32 if (wide or dtype in (torch.float32, torch.float64)) else 64
+    block_m = 32 if (wide and four_byte) else 64
+    block_n = 32 if (wide or four_byte) else 64
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_D=single, UPCAST=False), (8 if wide else 4)
 
 
