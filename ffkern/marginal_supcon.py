@@ -35,6 +35,7 @@ def marginal_supcon_loss(
     normalize: bool = True,
     base_temperature: Optional[float] = None,
     backend: str = "auto",
+    group=None,
     return_stats: bool = False,
 ):
     """Marginal supervised contrastive loss of Contrastive Forward-Forward (SPEC 1.2).
@@ -45,6 +46,9 @@ def marginal_supcon_loss(
     Returns the loss in float32 (float64 for float64 features): a scalar for "mean"/"sum", ``[N]``
     in view-major row order for "none"; with ``return_stats=True`` a pair ``(loss, SupConStats)``.
     Memory is O(N*D) for the triton and cpp backends; "reference" builds the N x N matrix.
+    group: a torch.distributed ProcessGroup: this rank's anchors against the global batch of all
+    ranks, reduced over the local anchors; backward gives the gradient of the sum over ranks of
+    the losses (see ffkern.distributed; every rank must call it, and backward, together).
     """
     rows = flatten_features(features, labels)
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
@@ -62,7 +66,15 @@ def marginal_supcon_loss(
     z = x.to(compute_dtype(x.dtype))
     if normalize:
         z = F.normalize(z, dim=1, eps=1e-12)  # z_i = x_i / max(||x_i||, 1e-12)
-    per_anchor, num_pos, num_clipped = impl.supcon_rows(z, rows.labels, temperature, margin, operand_dtype=x.dtype)
+    if group is not None:
+        from .distributed import global_supcon_rows
+
+        per_anchor, num_pos, num_clipped = global_supcon_rows(
+            z, rows.labels, batch=rows.batch, simclr=labels is None, temperature=temperature, margin=margin,
+            impl=impl, operand_dtype=x.dtype, group=group,
+        )
+    else:
+        per_anchor, num_pos, num_clipped = impl.supcon_rows(z, rows.labels, temperature, margin, operand_dtype=x.dtype)
     if base_temperature is not None:
         per_anchor = per_anchor * (temperature / base_temperature)
     if reduction == "mean":
