@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 
 import torch
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpp")
 _MODULES = {
     "reference": ("ffkern.reference", "ReferenceBackend"),
     "triton": ("ffkern.kernels", "TritonBackend"),
+    "cpp": ("ffkern.cpp", "CppBackend"),
 }
 _instances: dict = {}
+_warned: set = set()
 
 
 class BackendUnavailable(RuntimeError):
@@ -48,8 +51,8 @@ def triton_importable() -> bool:
 def auto_order(device: torch.device):
     """Backends "auto" tries, fastest first, for tensors on ``device``."""
     if device.type == "cuda":
-        return ("triton", "reference")
-    return ("reference",)
+        return ("triton", "cpp", "reference")
+    return ("cpp", "reference")
 
 
 def resolve(backend, device: torch.device):
@@ -66,8 +69,15 @@ def resolve(backend, device: torch.device):
             if name == "triton" and not triton_importable():
                 continue
             impl = _instance(name)
-            if impl.unavailable_reason(device) is None:
+            why = impl.unavailable_reason(device)
+            if why is None:
                 return impl
+            if name == "cpp" and name not in _warned:  # a failed build: say so once, in one line
+                _warned.add(name)
+                first = why.strip().splitlines()[0].rstrip(":") if why.strip() else why
+                warnings.warn(f"ffkern: backend 'cpp' unavailable, 'auto' falls back ({first}); "
+                              f"backend='cpp' raises with the full message",
+                              RuntimeWarning, stacklevel=3)
         return _instance("reference")
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")

@@ -1,0 +1,181 @@
+// CPU kernels of the FF goodness losses (SPEC 2), registered for the CPU dispatch key.
+//
+// Each sample is independent: forward reads its activations once (token mean, then the two
+// energies of ff_math.h), backward reads them once more and writes dL/dh. Samples are split over
+// threads with at::parallel_for; per-sample terms go to a buffer that is then summed in sample
+// order, so the loss does not depend on the thread count (bitwise reproducible).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../checks.h"
+#include "../ff_math.h"
+
+namespace ffkern {
+namespace cpu {
+namespace {
+
+// Token mean of one sample h [T, D] over tokens skip..T-1 into m [D]; returns E0 and E1.
+template <typename in_t, typename acc_t>
+void token_mean_energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m, acc_t* e0, acc_t* e1) {
+  for (int64_t d = 0; d < dim; ++d) m[d] = acc_t(0);
+  for (int64_t t = skip; t < tokens; ++t) {
+    const in_t* row = h + t * dim;
+    for (int64_t d = 0; d < dim; ++d) m[d] += static_cast<acc_t>(row[d]);
+  }
+  const acc_t count = acc_t(tokens - skip);
+  const int64_t half = dim / 2;
+  acc_t s0 = 0, s1 = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    m[d] = m[d] / count;
+    (d < half ? s0 : s1) += m[d] * m[d];
+  }
+  *e0 = s0;
+  *e1 = s1;
+}
+
+// dL/dh of one sample: dL/dE_half(d) * 2 m_d / T' for the mean's tokens, 0 for skipped ones.
+template <typename in_t, typename acc_t>
+void write_grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const acc_t* m, acc_t d0, acc_t d1) {
+  const int64_t half = dim / 2;
+  const acc_t c0 = acc_t(2) * d0 / acc_t(tokens - skip), c1 = acc_t(2) * d1 / acc_t(tokens - skip);
+  for (int64_t t = 0; t < tokens; ++t) {
+    in_t* row = dh + t * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      row[d] = t < skip ? in_t(0) : static_cast<in_t>((d < half ? c0 : c1) * m[d]);
+    }
+  }
+}
+
+int64_t grain_for(int64_t per_sample) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, per_sample)); }
+
+at::Tensor goodness(const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
+  const bool mean = parse_kind_is_mean(kind);
+  const TokenShape s = check_activations("h", h_in, skip_tokens);
+  const at::Tensor h = h_in.detach().contiguous();
+  at::Tensor g = at::empty({s.batch}, h.options().dtype(compute_type(h.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ffkern_goodness_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    acc_t* gp = g.data_ptr<acc_t>();
+    const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
+    at::parallel_for(0, s.batch, grain_for(s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> m(s.dim);
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t e0, e1;
+        token_mean_energies(hp + b * s.tokens * s.dim, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
+        gp[b] = (e0 + e1) * gscale;
+      }
+    });
+  });
+  return g;
+}
+
+at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
+  const bool mean = parse_kind_is_mean(kind);
+  const TokenShape s = check_activations("h", h_in, skip_tokens);
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == s.batch, "grad must be [B] with B=", s.batch, ", got ",
+              grad_in.sizes());
+  const at::Tensor h = h_in.detach().contiguous();
+  at::Tensor dh = at::empty_like(h);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ffkern_goodness_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor grad = grad_in.detach().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* gr = grad.data_ptr<acc_t>();
+    const scalar_t* hp = h.data_ptr<scalar_t>();
+    scalar_t* dp = dh.data_ptr<scalar_t>();
+    const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
+    at::parallel_for(0, s.batch, grain_for(s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> m(s.dim);
+      for (int64_t b = b0; b < b1; ++b) {
+        acc_t e0, e1;
+        const int64_t off = b * s.tokens * s.dim;
+        token_mean_energies(hp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
+        const acc_t de = gr[b] * gscale;  // dL/dE = dL/dg * dg/dE for both halves
+        write_grad(dp + off, s.tokens, s.dim, skip_tokens, m.data(), de, de);
+      }
+    });
+  });
+  return dh;
+}
+
+at::Tensor pair_loss(const at::Tensor& hp_in, const at::Tensor& hn_in, std::string loss_name, double param,
+                     std::string kind, int64_t skip_tokens) {
+  const int loss = parse_pair_loss(loss_name);
+  const bool mean = parse_kind_is_mean(kind);
+  const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
+  const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
+  const at::ScalarType ct = compute_type(hp.scalar_type());
+  at::Tensor out = at::empty({}, hp.options().dtype(ct));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hp.scalar_type(), "ffkern_pair_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pp = hp.data_ptr<scalar_t>();
+    const scalar_t* np = hn.data_ptr<scalar_t>();
+    const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
+    std::vector<acc_t> terms(s.batch);
+    at::parallel_for(0, s.batch, grain_for(2 * s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> m(s.dim);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t off = b * s.tokens * s.dim;
+        acc_t e0p, e1p, e0n, e1n;
+        token_mean_energies(pp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0p, &e1p);
+        token_mean_energies(np + off, s.tokens, s.dim, skip_tokens, m.data(), &e0n, &e1n);
+        terms[b] = pair_term<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n);
+      }
+    });
+    double total = 0;  // in sample order: independent of the thread split
+    for (int64_t b = 0; b < s.batch; ++b) total += double(terms[b]);
+    out.fill_(total * pair_normalizer<double>(loss, s.batch));
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in, const at::Tensor& hp_in,
+                                                      const at::Tensor& hn_in, std::string loss_name, double param,
+                                                      std::string kind, int64_t skip_tokens) {
+  const int loss = parse_pair_loss(loss_name);
+  const bool mean = parse_kind_is_mean(kind);
+  const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
+  TORCH_CHECK(grad_in.numel() == 1, "grad must hold one value (the loss is a scalar), got shape ", grad_in.sizes());
+  const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
+  at::Tensor dhp = at::empty_like(hp), dhn = at::empty_like(hn);
+  const double grad = grad_in.detach().to(at::kDouble).item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hp.scalar_type(), "ffkern_pair_loss_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* pp = hp.data_ptr<scalar_t>();
+    const scalar_t* np = hn.data_ptr<scalar_t>();
+    scalar_t* dpp = dhp.data_ptr<scalar_t>();
+    scalar_t* dnp = dhn.data_ptr<scalar_t>();
+    const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
+    const acc_t scale = acc_t(grad * pair_normalizer<double>(loss, s.batch));
+    at::parallel_for(0, s.batch, grain_for(4 * s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> mp(s.dim), mn(s.dim);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t off = b * s.tokens * s.dim;
+        acc_t e0p, e1p, e0n, e1n, dp[2], dn[2];
+        token_mean_energies(pp + off, s.tokens, s.dim, skip_tokens, mp.data(), &e0p, &e1p);
+        token_mean_energies(np + off, s.tokens, s.dim, skip_tokens, mn.data(), &e0n, &e1n);
+        pair_grad<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n, scale, dp, dn);
+        write_grad(dpp + off, s.tokens, s.dim, skip_tokens, mp.data(), dp[0], dp[1]);
+        write_grad(dnp + off, s.tokens, s.dim, skip_tokens, mn.data(), dn[0], dn[1]);
+      }
+    });
+  });
+  return {dhp, dhn};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace ffkern
+
+TORCH_LIBRARY_IMPL(ffkern, CPU, m) {
+  m.impl("goodness", &ffkern::cpu::goodness);
+  m.impl("goodness_backward", &ffkern::cpu::goodness_backward);
+  m.impl("pair_loss", &ffkern::cpu::pair_loss);
+  m.impl("pair_loss_backward", &ffkern::cpu::pair_loss_backward);
+}

@@ -1,0 +1,180 @@
+// Torch binding of the CUDA kernels: checks and converts tensors, calls the plain-CUDA launchers of
+// ffkern_cuda.h on the current stream, and turns a CUDA error into a torch error. Registered for
+// the CUDA dispatch key; compiled only when the extension is built with CUDA.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "../checks.h"
+#include "ffkern_cuda.h"
+
+namespace ffkern {
+namespace cuda_binding {
+namespace {
+
+using ffkern::cuda::DType;
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "ffkern CUDA kernels take float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  }
+}
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "ffkern CUDA kernel ", what, " failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor rows(const at::Tensor& z) { return z.detach().contiguous(); }
+at::Tensor labels(const at::Tensor& y) { return y.detach().to(at::kLong).contiguous(); }
+at::Tensor stat(const at::Tensor& v, at::ScalarType t) { return v.detach().to(t).contiguous(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_forward(
+    const at::Tensor& zr_in, const at::Tensor& yr_in, const at::Tensor& zc_in, const at::Tensor& yc_in,
+    int64_t row_offset, double temperature, double margin) {
+  check_supcon_args(zr_in, yr_in, zc_in, yc_in, row_offset, temperature, margin);
+  const c10::cuda::CUDAGuard guard(zr_in.device());
+  const at::Tensor zr = rows(zr_in), zc = rows(zc_in), yr = labels(yr_in), yc = labels(yc_in);
+  const int64_t n = zr.size(0);
+  const auto opts = zr.options().dtype(compute_type(zr.scalar_type()));
+  at::Tensor loss = at::empty({n}, opts), lse = at::empty({n}, opts);
+  at::Tensor npos = at::empty({n}, zr.options().dtype(at::kInt)), nclip = at::empty({n}, zr.options().dtype(at::kInt));
+  check(ffkern::cuda::supcon_forward(dtype_of(zr), zr.data_ptr(), yr.data_ptr<int64_t>(), zc.data_ptr(),
+                                     yc.data_ptr<int64_t>(), n, zc.size(0), zr.size(1), row_offset, temperature,
+                                     margin, loss.data_ptr(), lse.data_ptr(), npos.data_ptr<int32_t>(),
+                                     nclip.data_ptr<int32_t>(), stream()),
+        "supcon_forward");
+  return {loss, lse, npos, nclip};
+}
+
+at::Tensor supcon_backward(const at::Tensor& zr_in, const at::Tensor& yr_in, const at::Tensor& zc_in,
+                           const at::Tensor& yc_in, int64_t row_offset, const at::Tensor& lse_r, const at::Tensor& a_r,
+                           const at::Tensor& b_r, const at::Tensor& lse_c, const at::Tensor& a_c, const at::Tensor& b_c,
+                           double temperature, double margin) {
+  check_supcon_args(zr_in, yr_in, zc_in, yc_in, row_offset, temperature, margin);
+  const int64_t n = zr_in.size(0), n_all = zc_in.size(0);
+  check_stat("lse_r", lse_r, n, zr_in);
+  check_stat("a_r", a_r, n, zr_in);
+  check_stat("b_r", b_r, n, zr_in);
+  check_stat("lse_c", lse_c, n_all, zr_in);
+  check_stat("a_c", a_c, n_all, zr_in);
+  check_stat("b_c", b_c, n_all, zr_in);
+  const c10::cuda::CUDAGuard guard(zr_in.device());
+  const at::Tensor zr = rows(zr_in), zc = rows(zc_in), yr = labels(yr_in), yc = labels(yc_in);
+  const at::ScalarType ct = compute_type(zr.scalar_type());
+  const at::Tensor lr = stat(lse_r, ct), ar = stat(a_r, ct), br = stat(b_r, ct);
+  const at::Tensor lc = stat(lse_c, ct), ac = stat(a_c, ct), bc = stat(b_c, ct);
+  at::Tensor dz = at::empty({n, zr.size(1)}, zr.options().dtype(ct));
+  check(ffkern::cuda::supcon_backward(dtype_of(zr), zr.data_ptr(), yr.data_ptr<int64_t>(), zc.data_ptr(),
+                                      yc.data_ptr<int64_t>(), n, n_all, zr.size(1), row_offset, lr.data_ptr(),
+                                      ar.data_ptr(), br.data_ptr(), lc.data_ptr(), ac.data_ptr(), bc.data_ptr(),
+                                      temperature, margin, dz.data_ptr(), stream()),
+        "supcon_backward");
+  return dz;
+}
+
+// float16/bfloat16 operands go to the kernels as such (tensor cores); the autograd formula in
+// ffkern/cpp/ops.py rounds z the same way for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_rows(const at::Tensor& z, const at::Tensor& y,
+                                                                       double temperature, double margin,
+                                                                       std::optional<at::ScalarType> operand_dtype) {
+  at::Tensor zq = z;
+  if (operand_dtype.has_value() && (*operand_dtype == at::kHalf || *operand_dtype == at::kBFloat16) &&
+      z.scalar_type() == at::kFloat) {
+    zq = z.detach().to(*operand_dtype);
+  }
+  return supcon_forward(zq, y, zq, y, 0, temperature, margin);
+}
+
+at::Tensor goodness(const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
+  const bool mean = parse_kind_is_mean(kind);
+  const TokenShape s = check_activations("h", h_in, skip_tokens);
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor h = h_in.detach().contiguous();
+  at::Tensor g = at::empty({s.batch}, h.options().dtype(compute_type(h.scalar_type())));
+  check(ffkern::cuda::goodness(dtype_of(h), h.data_ptr(), s.batch, s.tokens, s.dim, skip_tokens, mean, g.data_ptr(),
+                               stream()),
+        "goodness");
+  return g;
+}
+
+at::Tensor goodness_backward(const at::Tensor& grad, const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
+  const bool mean = parse_kind_is_mean(kind);
+  const TokenShape s = check_activations("h", h_in, skip_tokens);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == s.batch, "grad must be [B] with B=", s.batch, ", got ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(h_in.device());
+  const at::Tensor h = h_in.detach().contiguous();
+  const at::ScalarType ct = compute_type(h.scalar_type());
+  const at::Tensor g = stat(grad, ct);
+  at::Tensor dh = at::empty_like(h);
+  at::Tensor scratch = at::empty({s.batch, s.dim}, h.options().dtype(ct));
+  check(ffkern::cuda::goodness_backward(dtype_of(h), g.data_ptr(), h.data_ptr(), s.batch, s.tokens, s.dim,
+                                        skip_tokens, mean, dh.data_ptr(), scratch.data_ptr(), stream()),
+        "goodness_backward");
+  return dh;
+}
+
+at::Tensor pair_loss(const at::Tensor& hp_in, const at::Tensor& hn_in, std::string loss_name, double param,
+                     std::string kind, int64_t skip_tokens) {
+  const int loss = parse_pair_loss(loss_name);
+  const bool mean = parse_kind_is_mean(kind);
+  const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
+  const c10::cuda::CUDAGuard guard(hp_in.device());
+  const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
+  const at::ScalarType ct = compute_type(hp.scalar_type());
+  at::Tensor out = at::empty({}, hp.options().dtype(ct));
+  at::Tensor terms = at::empty({s.batch}, hp.options().dtype(ct));
+  check(ffkern::cuda::pair_loss(dtype_of(hp), hp.data_ptr(), hn.data_ptr(), s.batch, s.tokens, s.dim, skip_tokens,
+                                loss, param, mean, out.data_ptr(), terms.data_ptr(), stream()),
+        "pair_loss");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad, const at::Tensor& hp_in,
+                                                      const at::Tensor& hn_in, std::string loss_name, double param,
+                                                      std::string kind, int64_t skip_tokens) {
+  const int loss = parse_pair_loss(loss_name);
+  const bool mean = parse_kind_is_mean(kind);
+  const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
+  TORCH_CHECK(grad.numel() == 1, "grad must hold one value (the loss is a scalar), got shape ", grad.sizes());
+  const c10::cuda::CUDAGuard guard(hp_in.device());
+  const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
+  const at::ScalarType ct = compute_type(hp.scalar_type());
+  const at::Tensor g = grad.detach().reshape({1}).to(ct).contiguous();
+  at::Tensor dhp = at::empty_like(hp), dhn = at::empty_like(hn);
+  at::Tensor scratch = at::empty({2, s.batch, s.dim}, hp.options().dtype(ct));
+  check(ffkern::cuda::pair_loss_backward(dtype_of(hp), g.data_ptr(), hp.data_ptr(), hn.data_ptr(), s.batch, s.tokens,
+                                         s.dim, skip_tokens, loss, param, mean, dhp.data_ptr(), dhn.data_ptr(),
+                                         scratch.data_ptr(), stream()),
+        "pair_loss_backward");
+  return {dhp, dhn};
+}
+
+}  // namespace
+}  // namespace cuda_binding
+}  // namespace ffkern
+
+TORCH_LIBRARY_IMPL(ffkern, CUDA, m) {
+  m.impl("supcon_forward", &ffkern::cuda_binding::supcon_forward);
+  m.impl("supcon_backward", &ffkern::cuda_binding::supcon_backward);
+  m.impl("supcon_rows", &ffkern::cuda_binding::supcon_rows);
+  m.impl("goodness", &ffkern::cuda_binding::goodness);
+  m.impl("goodness_backward", &ffkern::cuda_binding::goodness_backward);
+  m.impl("pair_loss", &ffkern::cuda_binding::pair_loss);
+  m.impl("pair_loss_backward", &ffkern::cuda_binding::pair_loss_backward);
+}

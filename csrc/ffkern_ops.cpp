@@ -1,0 +1,49 @@
+// Operator schemas of the "ffkern" library (the backend "cpp").
+//
+// Kernels live in cpu/ (TORCH_LIBRARY_IMPL(ffkern, CPU, ...)) and cuda/ (TORCH_LIBRARY_IMPL(ffkern,
+// CUDA, ...)); autograd formulas and fake (meta) implementations are registered from Python in
+// ffkern/cpp/ops.py, so that the ops trace under torch.compile(fullgraph=True).
+//
+// Math: SPEC.md sections 1 (marginal SupCon) and 2 (FF goodness losses). Row order, statistics and
+// the symmetric pair term are those of ffkern/reference.py's supcon_forward / supcon_backward.
+#include <torch/library.h>
+
+TORCH_LIBRARY(ffkern, m) {
+  // Tells torch which Python module registers the fake implementations of these ops.
+  m.set_python_module("ffkern.cpp.ops");
+
+  // Anchors zr (global rows row_offset .. row_offset+n-1) against all rows zc.
+  // Returns (L [n], lse [n], |P(i)| [n] int32, clipped positives [n] int32); L and lse are float32
+  // (float64 for float64 inputs). No autograd: it is a primitive.
+  m.def(
+      "supcon_forward(Tensor zr, Tensor yr, Tensor zc, Tensor yc, int row_offset, float temperature, "
+      "float margin) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // dL/dzr [n, D] by the symmetric pair term of SPEC 1.3:
+  //   dz_k = sum_{j != k} (G_kj + G_jk) z_j,  G_ij = kappa_ij (a_i p_ij - b_i M_ij).
+  m.def(
+      "supcon_backward(Tensor zr, Tensor yr, Tensor zc, Tensor yc, int row_offset, Tensor lse_r, "
+      "Tensor a_r, Tensor b_r, Tensor lse_c, Tensor a_c, Tensor b_c, float temperature, float margin) "
+      "-> Tensor");
+
+  // All rows against all rows, differentiable in z (autograd registered in Python). operand_dtype
+  // float16/bfloat16 rounds z to that type for the similarity products (accumulation stays fp32),
+  // as a fused GPU kernel reading half-precision features does. Returns (L, lse, |P|, clipped).
+  m.def(
+      "supcon_rows(Tensor z, Tensor labels, float temperature, float margin, ScalarType? "
+      "operand_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // FF goodness g(h) [B] of [B, D] or [B, T, D] (token mean over tokens skip_tokens..T-1);
+  // kind "mean" or "sum" over features.
+  m.def("goodness(Tensor h, str kind, int skip_tokens) -> Tensor");
+  m.def("goodness_backward(Tensor grad, Tensor h, str kind, int skip_tokens) -> Tensor");
+
+  // Pair losses, loss in {"ff", "symba", "sffa"}; param = threshold (ff), alpha (symba), unused
+  // (sffa). Returns the 0-dim loss; the backward returns (dL/dh_pos, dL/dh_neg).
+  m.def(
+      "pair_loss(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens) -> "
+      "Tensor");
+  m.def(
+      "pair_loss_backward(Tensor grad, Tensor h_pos, Tensor h_neg, str loss, float param, str kind, "
+      "int skip_tokens) -> (Tensor, Tensor)");
+}

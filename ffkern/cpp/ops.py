@@ -1,0 +1,128 @@
+"""Python registrations of the ffkern::* operators: fake (meta) implementations, so that the ops
+trace under torch.compile(fullgraph=True), and autograd formulas (torch.library.register_autograd).
+
+The C++ schemas name this module (m.set_python_module("ffkern.cpp.ops")). Importing it loads the
+compiled library first (building it if needed; see ffkern.cpp.build).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import build
+
+build.load_library()
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- fake implementations: output shapes and dtypes only ------------------------------------------
+
+
+@torch.library.register_fake("ffkern::supcon_forward")
+def _supcon_forward_fake(zr, yr, zc, yc, row_offset, temperature, margin):
+    n, dt = zr.shape[0], _compute_dtype(zr.dtype)
+    return zr.new_empty(n, dtype=dt), zr.new_empty(n, dtype=dt), zr.new_empty(n, dtype=torch.int32), zr.new_empty(
+        n, dtype=torch.int32
+    )
+
+
+@torch.library.register_fake("ffkern::supcon_backward")
+def _supcon_backward_fake(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c, temperature, margin):
+    return zr.new_empty(zr.shape, dtype=_compute_dtype(zr.dtype))
+
+
+@torch.library.register_fake("ffkern::supcon_rows")
+def _supcon_rows_fake(z, labels, temperature, margin, operand_dtype=None):
+    return _supcon_forward_fake(z, labels, z, labels, 0, temperature, margin)
+
+
+@torch.library.register_fake("ffkern::goodness")
+def _goodness_fake(h, kind, skip_tokens):
+    return h.new_empty(h.shape[0], dtype=_compute_dtype(h.dtype))
+
+
+@torch.library.register_fake("ffkern::goodness_backward")
+def _goodness_backward_fake(grad, h, kind, skip_tokens):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ffkern::pair_loss")
+def _pair_loss_fake(h_pos, h_neg, loss, param, kind, skip_tokens):
+    return h_pos.new_empty((), dtype=_compute_dtype(h_pos.dtype))
+
+
+@torch.library.register_fake("ffkern::pair_loss_backward")
+def _pair_loss_backward_fake(grad, h_pos, h_neg, loss, param, kind, skip_tokens):
+    return (torch.empty_like(h_pos, memory_format=torch.contiguous_format),
+            torch.empty_like(h_neg, memory_format=torch.contiguous_format))
+
+
+# ---- autograd ---------------------------------------------------------------------------------------
+
+
+def round_operand(z: torch.Tensor, operand_dtype) -> torch.Tensor:
+    """z as the forward kernel saw it: float16/bfloat16 operands when asked (as in the op). The
+    backward kernels accumulate in fp32 and return an fp32 gradient for them."""
+    if operand_dtype in (torch.float16, torch.bfloat16) and z.dtype == torch.float32:
+        return z.to(operand_dtype)
+    return z
+
+
+def _supcon_rows_setup(ctx, inputs, output):
+    z, labels, temperature, margin, operand_dtype = inputs
+    _loss, lse, num_pos, _clipped = output
+    ctx.save_for_backward(z, labels, lse, num_pos)
+    ctx.temperature, ctx.margin, ctx.operand_dtype = temperature, margin, operand_dtype
+
+
+def _supcon_rows_backward(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
+    """SPEC 1.3 with c_i = grad_loss_i: G_ij = kappa_ij (a_i p_ij - b_i M_ij),
+    a_i = (w_i g_i + g^lse_i) / tau, b_i = w_i g_i / (tau |P(i)|). The lse output's gradient
+    enters a_i only, since d lse_i / d s_ij = kappa_ij p_ij / tau (exact for both outputs)."""
+    z, labels, lse, num_pos = ctx.saved_tensors
+    tau = ctx.temperature
+    has_pos = num_pos > 0
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(lse)
+    g = torch.where(has_pos, grad_loss.to(lse.dtype), torch.zeros_like(lse))
+    b = g / (tau * num_pos.clamp(min=1).to(lse.dtype))
+    if grad_lse is not None:
+        g = g + grad_lse.to(lse.dtype)
+    a = g / tau
+    zq = round_operand(z, ctx.operand_dtype)
+    dz = torch.ops.ffkern.supcon_backward(zq, labels, zq, labels, 0, lse, a, b, lse, a, b, tau, ctx.margin)
+    return dz.to(z.dtype), None, None, None, None
+
+
+torch.library.register_autograd("ffkern::supcon_rows", _supcon_rows_backward, setup_context=_supcon_rows_setup)
+
+
+def _goodness_setup(ctx, inputs, output):
+    h, kind, skip_tokens = inputs
+    ctx.save_for_backward(h)
+    ctx.kind, ctx.skip_tokens = kind, skip_tokens
+
+
+def _goodness_backward(ctx, grad):
+    (h,) = ctx.saved_tensors
+    return torch.ops.ffkern.goodness_backward(grad, h, ctx.kind, ctx.skip_tokens), None, None
+
+
+torch.library.register_autograd("ffkern::goodness", _goodness_backward, setup_context=_goodness_setup)
+
+
+def _pair_loss_setup(ctx, inputs, output):
+    h_pos, h_neg, loss, param, kind, skip_tokens = inputs
+    ctx.save_for_backward(h_pos, h_neg)
+    ctx.options = (loss, param, kind, skip_tokens)
+
+
+def _pair_loss_backward(ctx, grad):
+    h_pos, h_neg = ctx.saved_tensors
+    d_pos, d_neg = torch.ops.ffkern.pair_loss_backward(grad, h_pos, h_neg, *ctx.options)
+    return d_pos, d_neg, None, None, None, None
+
+
+torch.library.register_autograd("ffkern::pair_loss", _pair_loss_backward, setup_context=_pair_loss_setup)

@@ -1,0 +1,358 @@
+"""Backend "cpp" (the compiled extension in csrc/): the torch.ops.ffkern.* operators directly.
+
+opcheck of every operator, float64 gradcheck of the CPU kernels, the two SupCon primitives against
+ffkern.reference (anchors as a slice of all rows, row_offset != 0, odd N and D, tiles crossed),
+torch.compile(fullgraph=True), bitwise determinism, operator-level argument errors, and the
+build-failure path ("auto" warns once and falls back, backend="cpp" raises with the message).
+The shared conformance suite (test_conformance.py) runs the public API on this backend too.
+
+The extension is built once per test session (cached across sessions in torch's extension
+directory). A build failure fails these tests; they are skipped only where no C++ compiler or no
+ninja exists at all, with that reason shown.
+"""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import ffkern
+from ffkern import _backend, reference
+from ffkern._backend import BackendUnavailable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAVE_TOOLS = shutil.which(os.environ.get("CXX", "c++")) is not None and shutil.which("ninja") is not None
+HAVE_AOT = importlib.util.find_spec("ffkern._C") is not None
+needs_tools = pytest.mark.skipif(not (HAVE_TOOLS or HAVE_AOT),
+                                 reason="no C++ compiler or no ninja here: the extension cannot be built")
+pytestmark = needs_tools
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from ffkern.cpp import build
+
+    why = build.load_error()
+    assert why is None, f"the C++ extension did not build:\n{why}"
+    return torch.ops.ffkern
+
+
+@pytest.fixture
+def highest_precision():
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(old)
+
+
+def rows(n, d, dtype=torch.float64, classes=4, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    return z.to(dtype).to(device), y.to(device)
+
+
+def close(actual, expected, tol, what):
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(actual)), f"{what}: non-finite entries differ"
+    err = (actual[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
+    scale = max(1.0, expected[finite].abs().max().item()) if finite.any() else 1.0
+    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+# ---- opcheck ---------------------------------------------------------------------------------------
+
+
+def op_samples(device):
+    """(op name, args) covering every operator, with inputs that require grad where it has autograd."""
+    z, y = rows(10, 5, device=device)
+    lse = reference.supcon_forward(z.cpu(), y.cpu(), z.cpu(), y.cpu(), 0, 0.2, 0.4)[1].to(device)
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.rand(10, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+    h3 = torch.randn(3, 4, 6, generator=gen).to(device)
+    h2p, h2n = torch.randn(3, 4, generator=gen).to(device), torch.randn(3, 4, generator=gen).to(device)
+    return [
+        ("supcon_forward", (z[3:7], y[3:7], z, y, 3, 0.2, 0.4)),
+        ("supcon_backward", (z[3:7], y[3:7], z, y, 3, lse[3:7], a[3:7], b[3:7], lse, a, b, 0.2, 0.4)),
+        ("supcon_rows", (z.clone().requires_grad_(), y, 0.2, 0.4, None)),
+        ("supcon_rows", (z.float().requires_grad_(), y, 0.2, 0.4, torch.bfloat16)),
+        ("goodness", (h3.clone().requires_grad_(), "mean", 1)),
+        ("goodness_backward", (torch.randn(3, generator=gen).to(device), h3, "sum", 1)),
+        ("pair_loss", (h2p.clone().requires_grad_(), h2n.clone().requires_grad_(), "sffa", 0.0, "mean", 0)),
+        ("pair_loss", (h3.clone().requires_grad_(), h3.flip(0).clone().requires_grad_(), "ff", 1.5, "sum", 1)),
+        ("pair_loss_backward", (torch.tensor(1.5, device=device), h2p, h2n, "symba", 4.0, "mean", 0)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(op_samples("cpu"))))
+def test_opcheck_cpu(ops, index):
+    name, args = op_samples("cpu")[index]
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+def test_every_operator_is_opchecked(ops):
+    schemas = {name for name in dir(ops) if not name.startswith("_") and hasattr(getattr(ops, name), "default")}
+    assert schemas == {name for name, _ in op_samples("cpu")}
+
+
+@cuda_only
+@pytest.mark.parametrize("index", range(len(op_samples("cpu"))))
+def test_opcheck_cuda(ops, index):
+    name, args = op_samples("cuda")[index]
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+# ---- the SupCon primitives against the reference ---------------------------------------------------
+
+# (n_all, dim, row_offset, anchors, margin, classes): anchors rows row_offset.. of all n_all rows.
+# 1300 columns cross the 1024-column tile (online logsumexp across tiles, the self pair in the second
+# tile); 300 anchors cross the 256-row block.
+PRIMITIVE_CASES = [
+    (37, 13, 5, 11, 0.4, 4),
+    (37, 13, 0, 37, 0.0, 4),
+    (64, 7, 63, 1, 2.0, 2),
+    (129, 33, 20, 60, 0.4, 1),  # all labels equal: every pair positive
+    (91, 9, 40, 51, 2.0, 1000),  # (almost) no positives
+    (1300, 17, 517, 300, 0.4, 5),
+    (1, 5, 0, 1, 0.0, 3),  # a single row: no pair at all
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", PRIMITIVE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_primitives_match_reference(ops, highest_precision, case, dtype):
+    n_all, dim, off, n, margin, classes = case
+    zc, yc = rows(n_all, dim, dtype, classes, seed=n_all + dim)
+    zr, yr = zc[off:off + n], yc[off:off + n]
+    tau, tol = 0.15, (1e-12 if dtype == torch.float64 else 2e-5)
+    expected = reference.supcon_forward(zr, yr, zc, yc, off, tau, margin)
+    got = ops.supcon_forward(zr, yr, zc, yc, off, tau, margin)
+    for name, e, g in zip(("L", "lse", "|P|", "clipped"), expected, got):
+        assert g.dtype == e.dtype, f"{name}: dtype {g.dtype}, expected {e.dtype}"
+        close(g, e, tol, name)
+    # backward with arbitrary coefficients, the statistics of all rows
+    lse_c = reference.supcon_forward(zc, yc, zc, yc, 0, tau, margin)[1]
+    gen = torch.Generator().manual_seed(7)
+    a_c = torch.rand(n_all, generator=gen, dtype=torch.float64).to(dtype)
+    b_c = torch.rand(n_all, generator=gen, dtype=torch.float64).to(dtype)
+    args = (zr, yr, zc, yc, off, lse_c[off:off + n], a_c[off:off + n], b_c[off:off + n], lse_c, a_c, b_c, tau, margin)
+    close(ops.supcon_backward(*args), reference.supcon_backward(*args), tol, "dz")
+
+
+def test_labels_beyond_int32(ops):
+    """The CPU kernels compare labels as int32: wider values are remapped, equality kept."""
+    z, y = rows(50, 6)
+    wide = y * (2**40) - 2**35  # distinct classes stay distinct, equal ones equal
+    for got, expected in zip(ops.supcon_forward(z, wide, z, wide, 0, 0.2, 0.4), ops.supcon_forward(z, y, z, y, 0, 0.2, 0.4)):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16], ids=str)
+def test_half_operands_round_z_first(ops, highest_precision, operand):
+    """operand_dtype rounds z to 16 bits before the products (as a kernel reading half features)."""
+    z, y = rows(40, 24, torch.float32)
+    loss, lse, num_pos, _ = ops.supcon_rows(z, y, 0.15, 0.4, operand)
+    zq = z.to(operand).float()
+    ref_loss, ref_lse, ref_pos, _ = reference.supcon_forward(zq, y, zq, y, 0, 0.15, 0.4)
+    close(loss, ref_loss, 2e-5, "L")
+    close(lse, ref_lse, 2e-5, "lse")
+    assert torch.equal(num_pos, ref_pos)
+
+
+# ---- gradients -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.4, 2.0])
+def test_gradcheck_supcon_rows_both_outputs(ops, margin):
+    """float64 gradcheck of the registered autograd of supcon_rows, through L and through lse."""
+    z, y = rows(9, 4, classes=3, seed=3)
+    z.requires_grad_(True)
+    torch.autograd.gradcheck(lambda t: ops.supcon_rows(t, y, 0.3, margin, None)[0], (z,))
+    torch.autograd.gradcheck(lambda t: ops.supcon_rows(t, y, 0.3, margin, None)[1], (z,))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_public_supcon(ops, reduction):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 0, 2, 1, 3, 0])  # sample 5 (label 3) has only its other view
+    torch.autograd.gradcheck(
+        lambda t: ffkern.marginal_supcon_loss(t, y, margin=0.4, reduction=reduction, backend="cpp"), (x,))
+
+
+@pytest.mark.parametrize("shape,skip", [((5, 6), 0), ((4, 3, 6), 1)], ids=["BD", "BTD-skip1"])
+def test_gradcheck_ff_losses(ops, shape, skip):
+    gen = torch.Generator().manual_seed(5)
+    hp = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    hn = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    for kind in ("mean", "sum"):
+        torch.autograd.gradcheck(lambda h: ffkern.ff_goodness(h, kind=kind, skip_tokens=skip, backend="cpp"), (hp,))
+        torch.autograd.gradcheck(
+            lambda a, b: ffkern.ff_loss(a, b, threshold=1.0, kind=kind, skip_tokens=skip, backend="cpp"), (hp, hn))
+        torch.autograd.gradcheck(
+            lambda a, b: ffkern.symba_loss(a, b, alpha=2.0, kind=kind, skip_tokens=skip, backend="cpp"), (hp, hn))
+        torch.autograd.gradcheck(
+            lambda a, b: ffkern.sffa_loss(a, b, kind=kind, skip_tokens=skip, backend="cpp"), (hp, hn))
+
+
+# ---- torch.compile, determinism --------------------------------------------------------------------
+
+
+def test_compile_fullgraph(ops):
+    """The ops trace (fake impls + registered autograd) with no graph break, forward and backward."""
+    torch._dynamo.reset()
+    ffkern.marginal_supcon_loss(torch.randn(4, 2, 3), torch.arange(4), backend="cpp")  # resolve eagerly once
+
+    def step(x, labels, hp, hn):
+        return (ffkern.marginal_supcon_loss(x, labels, margin=0.4, backend="cpp")
+                + ffkern.ff_loss(hp, hn, backend="cpp") + ffkern.sffa_loss(hp, hn, backend="cpp"))
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(16, 2, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 4, (16,), generator=gen)
+    hp = torch.randn(6, 3, 10, generator=gen, requires_grad=True)
+    hn = torch.randn(6, 3, 10, generator=gen, requires_grad=True)
+    eager = step(x, labels, hp, hn)
+    eager_grads = torch.autograd.grad(eager, (x, hp, hn))
+    compiled = torch.compile(step, fullgraph=True)(x, labels, hp, hn)
+    compiled_grads = torch.autograd.grad(compiled, (x, hp, hn))
+    close(compiled, eager, 1e-6, "compiled loss")
+    for g, e in zip(compiled_grads, eager_grads):
+        close(g, e, 1e-6, "compiled gradient")
+
+
+def test_bitwise_deterministic(ops):
+    z, y = rows(700, 48, torch.float32, classes=6, seed=8)  # several row blocks on both threads
+
+    def run():
+        zz = z.clone().requires_grad_(True)
+        loss, lse, _, _ = ops.supcon_rows(zz, y, 0.15, 0.4, None)
+        (loss.sum() + 0.5 * lse.sum()).backward()
+        hp = z[:, :40].reshape(70, 10, 40).clone().requires_grad_(True)
+        ff = ffkern.symba_loss(hp, hp.flip(0), skip_tokens=2, backend="cpp")
+        ff.backward()
+        return loss, lse, zz.grad, ff, hp.grad
+
+    for first, second in zip(run(), run()):
+        assert torch.equal(first, second)
+
+
+# ---- operator-level errors -------------------------------------------------------------------------
+
+
+def test_operator_argument_errors(ops):
+    z, y = rows(10, 4)
+    with pytest.raises(RuntimeError, match="row_offset"):
+        ops.supcon_forward(z[:5], y[:5], z, y, 6, 0.2, 0.0)
+    with pytest.raises(RuntimeError, match="feature dimension"):
+        ops.supcon_forward(z[:, :3], y, z, y, 0, 0.2, 0.0)
+    with pytest.raises(RuntimeError, match="integer dtype"):
+        ops.supcon_forward(z, y.double(), z, y, 0, 0.2, 0.0)
+    with pytest.raises(RuntimeError, match="temperature"):
+        ops.supcon_forward(z, y, z, y, 0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="lse_c"):
+        ops.supcon_backward(z, y, z, y, 0, z[:, 0], z[:, 0], z[:, 0], z[:5, 0], z[:, 0], z[:, 0], 0.2, 0.0)
+    with pytest.raises(RuntimeError, match="D must be even"):
+        ops.pair_loss(torch.randn(2, 5), torch.randn(2, 5), "sffa", 0.0, "mean", 0)
+    with pytest.raises(RuntimeError, match="loss must be"):
+        ops.pair_loss(torch.randn(2, 4), torch.randn(2, 4), "hinge", 0.0, "mean", 0)
+    with pytest.raises(RuntimeError, match="skip_tokens"):
+        ops.goodness(torch.randn(2, 3, 4), "mean", 3)
+
+
+# ---- building: never on import; a failed build --------------------------------------------------------
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **env}, timeout=300)
+
+
+def test_import_never_builds():
+    out = run_python("""
+        import sys, ffkern, ffkern.cpp
+        from ffkern.cpp import build
+        assert not build.STATE.loaded and not build.STATE.origin, "importing ffkern loaded the extension"
+        assert "torch.utils.cpp_extension" not in sys.modules, "importing ffkern imported the builder"
+        print("ok")
+    """)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_build_failure_simulated(monkeypatch):
+    """A build that raises: "auto" warns once in one line and falls back, "cpp" raises with the message."""
+    from ffkern.cpp import build
+
+    def failing_build():
+        raise RuntimeError("Error building extension 'ffkern_cpu_x':\nc++: fatal error: simulated compiler failure")
+
+    monkeypatch.setattr(build, "STATE", build._State())
+    monkeypatch.setattr(build, "_load_aot", lambda: None)
+    monkeypatch.setattr(build, "_build_jit", failing_build)
+    monkeypatch.setattr(_backend, "_warned", set())
+    monkeypatch.delenv("FFKERN_BACKEND", raising=False)
+    x, y = torch.randn(6, 2, 4), torch.arange(6)
+    with pytest.warns(RuntimeWarning, match="backend 'cpp' unavailable") as record:
+        loss = ffkern.marginal_supcon_loss(x, y)  # auto
+    assert len(record) == 1 and "\n" not in str(record[0].message)
+    torch.testing.assert_close(loss, ffkern.marginal_supcon_loss(x, y, backend="reference"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the second "auto" call is silent
+        ffkern.ff_loss(x[:, 0], x[:, 1])
+    with pytest.raises(BackendUnavailable, match="simulated compiler failure"):
+        ffkern.marginal_supcon_loss(x, y, backend="cpp")
+    with pytest.raises(BackendUnavailable, match="could not be built"):
+        ffkern.ff_goodness(x[:, 0], backend="cpp")
+
+
+@pytest.mark.skipif(HAVE_AOT, reason="an ahead-of-time build (ffkern._C) is installed: it would load instead")
+def test_build_failure_real_compiler(tmp_path):
+    """An actual JIT build with a compiler that does not exist, in a fresh extension directory."""
+    out = run_python("""
+        import warnings, torch, ffkern
+        x, y = torch.randn(6, 2, 4), torch.arange(6)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ffkern.marginal_supcon_loss(x, y)
+        print("WARN", [str(m.message) for m in w])
+        try:
+            ffkern.marginal_supcon_loss(x, y, backend="cpp")
+        except ffkern.BackendUnavailable as exc:
+            print("RAISED", exc)
+    """, CXX=str(tmp_path / "no-such-c++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), FFKERN_BACKEND="")
+    assert out.returncode == 0, out.stderr
+    assert "WARN [\"ffkern: backend 'cpp' unavailable" in out.stdout, out.stdout
+    assert "RAISED backend 'cpp' cannot run here" in out.stdout and "no-such-c++" in out.stdout, out.stdout
+
+
+# ---- CUDA (where a GPU exists) -----------------------------------------------------------------------
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", PRIMITIVE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_primitives_match_reference(ops, highest_precision, case, dtype):
+    n_all, dim, off, n, margin, classes = case
+    zc, yc = rows(n_all, dim, torch.float64, classes, seed=n_all + dim)
+    zc = zc.to(dtype).double()  # the values the kernel sees
+    zr, yr = zc[off:off + n], yc[off:off + n]
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 1e-4, torch.float16: 1e-4}[dtype]
+    expected = reference.supcon_forward(zr, yr, zc, yc, off, 0.15, margin)
+    dev = lambda t: t.to("cuda", dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    got = ops.supcon_forward(dev(zr), yr.cuda(), dev(zc), yc.cuda(), off, 0.15, margin)
+    for name, e, g in zip(("L", "lse", "|P|", "clipped"), expected, got):
+        close(g, e, tol, name)
+    lse_c = reference.supcon_forward(zc, yc, zc, yc, 0, 0.15, margin)[1]
+    a_c = torch.rand(n_all, dtype=torch.float64)
+    b_c = torch.rand(n_all, dtype=torch.float64)
+    args = (zr, yr, zc, yc, off, lse_c[off:off + n], a_c[off:off + n], b_c[off:off + n], lse_c, a_c, b_c, 0.15, margin)
+    stat = (lambda t: t.cuda()) if dtype == torch.float64 else (lambda t: t.float().cuda())  # noqa: E731
+    got_dz = ops.supcon_backward(dev(zr), yr.cuda(), dev(zc), yc.cuda(), off, *map(stat, args[5:11]), 0.15, margin)
+    close(got_dz, reference.supcon_backward(*args), tol, "dz")
