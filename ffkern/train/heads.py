@@ -1,0 +1,102 @@
+"""Prediction: frozen-encoder features, the stage-2 linear head, and FF's try-every-label rule."""
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import rng
+from .data import batches
+from .methods import layer_score
+from .models import Encoder
+
+
+@torch.no_grad()
+def layer_features(encoder: Encoder, x: torch.Tensor, *, labels: Optional[torch.Tensor] = None,
+                   batch_size: int = 512, autocast_dtype=None) -> List[torch.Tensor]:
+    """Pooled output of every layer, ``[N, D]`` each, float32, for clean inputs ``x``. For an
+    encoder with label input, ``labels`` is embedded (None: the neutral, all-zero label)."""
+    encoder.eval()
+    per_layer: List[List[torch.Tensor]] = [[] for _ in encoder.layers]
+    for start in range(0, x.shape[0], batch_size):
+        h = encoder.prepare(x[start:start + batch_size])
+        if encoder.label_input:
+            lab = None if labels is None else labels[start:start + batch_size]
+            h = encoder.embed_labels(h, lab)
+        with _autocast(x.device, autocast_dtype):
+            for l, layer in enumerate(encoder.layers):
+                h = layer(h)
+                per_layer[l].append(encoder.pool(h).float())
+    return [torch.cat(parts, 0) for parts in per_layer]
+
+
+def _autocast(device, dtype):
+    if dtype is None:
+        return torch.autocast(device_type=device.type, enabled=False)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def linear_head(dim: int, num_classes: int, seed: int) -> nn.Module:
+    """LayerNorm + Linear (as the CFF code's head): the norm makes the head indifferent to the
+    scale of the features, which a contrastive loss leaves free."""
+    with rng.seeded(seed, rng.INIT, 10_000):
+        return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+
+@torch.no_grad()
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean().item()) if labels.numel() else float("nan")
+
+
+def train_linear_head(train_f: torch.Tensor, train_y: torch.Tensor, valid_f: torch.Tensor, valid_y: torch.Tensor,
+                      num_classes: int, *, epochs: int, lr: float, batch_size: int, seed: int) -> Tuple[nn.Module, Dict]:
+    """Cross-entropy training of a linear head on fixed features (stage 2). Keeps the head of the
+    epoch with the best validation accuracy (the last one when there is no validation split)."""
+    head = linear_head(train_f.shape[1], num_classes, seed).to(train_f.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    info = {"train_loss": [], "valid_accuracy": [], "best_epoch": 0}
+    best, best_acc = copy.deepcopy(head.state_dict()), -1.0
+    for epoch in range(epochs):
+        head.train()
+        total, n = torch.zeros((), device=train_f.device), 0
+        for idx in batches(train_f.shape[0], batch_size, seed + 7919, epoch):
+            idx = idx.to(train_f.device)
+            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+            n += len(idx)
+        head.eval()
+        acc = accuracy(head(valid_f), valid_y) if valid_y.numel() else float("nan")
+        info["train_loss"].append(float(total.item()) / n)
+        info["valid_accuracy"].append(acc)
+        if not valid_y.numel() or acc >= best_acc:
+            best, best_acc, info["best_epoch"] = copy.deepcopy(head.state_dict()), acc, epoch
+    head.load_state_dict(best)
+    head.eval()
+    return head, info
+
+
+@torch.no_grad()
+def goodness_logits(encoder: Encoder, method: str, x: torch.Tensor, *, batch_size: int = 512,
+                    skip_first: bool = False, backend: str = "auto", autocast_dtype=None) -> torch.Tensor:
+    """FF prediction by trying every label: ``[N, C]``, entry (n, c) = the sum over layers of the
+    layer's score (goodness, or SFFA's log-odds) with label c embedded. C forward passes.
+    ``skip_first`` leaves out the first layer's score, as Hinton's FF evaluation does."""
+    encoder.eval()
+    out = torch.zeros(x.shape[0], encoder.num_classes, device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        inp = encoder.prepare(x[start:start + batch_size])
+        b = inp.shape[0]
+        for c in range(encoder.num_classes):
+            h = encoder.embed_labels(inp, torch.full((b,), c, dtype=torch.long, device=x.device))
+            with _autocast(x.device, autocast_dtype):
+                for l, layer in enumerate(encoder.layers):
+                    h = layer(h)
+                    if not (skip_first and l == 0 and len(encoder.layers) > 1):
+                        out[start:start + b, c] += layer_score(method, h, encoder.skip_tokens, backend).float()
+    return out

@@ -1,0 +1,293 @@
+"""The training run behind ``ffkern train``: configuration, stage 1 (layer-local or BP), stage 2
+(linear head or FF's try-every-label), evaluation, metrics."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from .. import __version__
+from .._backend import resolve
+from .._checks import check_choice, check_number
+from . import rng
+from .bp import train_bp
+from .data import Augment, Dataset, batches, load_dataset
+from .heads import accuracy, goodness_logits, layer_features, train_linear_head
+from .layerwise import LocalLayer, make_local_layers, run_layers
+from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective
+from .metrics import History, format_table
+from .models import MODELS, Encoder, build_encoder
+from .schedules import SCHEDULES, margin_schedule
+
+# Defaults per (method, model) that make the plain command the good run on the bundled digits
+# (measured on a 2-core CPU, see the README); any explicit option overrides them.
+DEFAULTS = {
+    ("cff", "mlp"): dict(epochs=30, lr=1e-3, width=500, depth=3),
+    ("cff", "vit"): dict(epochs=30, lr=1e-3, width=64, depth=3),
+    ("ff", "mlp"): dict(epochs=60, lr=1e-3, width=500, depth=3),
+    ("ff", "vit"): dict(epochs=30, lr=3e-3, width=64, depth=3),
+    ("symba", "mlp"): dict(epochs=60, lr=1e-3, width=500, depth=3),
+    ("symba", "vit"): dict(epochs=30, lr=3e-3, width=64, depth=3),
+    ("sffa", "mlp"): dict(epochs=60, lr=1e-3, width=500, depth=3),
+    ("sffa", "vit"): dict(epochs=30, lr=3e-3, width=64, depth=3),
+    ("bp", "mlp"): dict(epochs=30, lr=1e-3, width=500, depth=3),
+    ("bp", "vit"): dict(epochs=30, lr=1e-3, width=64, depth=3),
+}
+
+
+@dataclass
+class TrainConfig:
+    method: str = "cff"
+    model: str = "mlp"
+    dataset: str = "digits"
+    epochs: Optional[int] = None  # None: the (method, model) default in DEFAULTS
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    lr: Optional[float] = None
+    weight_decay: float = 0.0
+    width: Optional[int] = None  # E
+    depth: Optional[int] = None  # L
+    heads: int = 4  # H (ViT)
+    patch_size: Optional[int] = None  # ViT; None: the image side / 4 (16 patches)
+    views: int = 2  # CFF views per batch; 1 = one-forward mode
+    temperature: float = 0.15
+    schedule: str = "linear"
+    m0: float = 0.4
+    mL: float = 0.1
+    threshold: float = 2.0  # FF
+    alpha: float = 4.0  # SymBa
+    shift: Optional[int] = None  # augmentation: random shift in pixels; None: default_shift(image side)
+    noise: float = 0.2  # augmentation: Gaussian noise std (inputs are standardized)
+    head_epochs: int = 30
+    head_lr: float = 1e-2
+    ff_predict: str = "goodness"  # "goodness" (try every label) or "head"
+    valid_fraction: float = 0.1
+    bf16: bool = False  # autocast the layers to bfloat16 (GPU only)
+    compile: bool = False  # torch.compile every layer
+    backend: str = "auto"  # ffkern loss backend
+    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+
+    def resolved(self) -> "TrainConfig":
+        """Checks every option (ValueError/TypeError naming it) and fills the defaults."""
+        check_choice("method", self.method, METHODS)
+        check_choice("model", self.model, MODELS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("ff_predict", self.ff_predict, ("goodness", "head"))
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        filled = dataclasses.replace(self, **{k: v for k, v in DEFAULTS[(self.method, self.model)].items() if getattr(self, k) is None})
+        for name in ("epochs", "batch_size", "width", "depth", "heads", "head_epochs", "threads"):
+            v = getattr(filled, name)
+            if v is None and name == "threads":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("seed", "shift"):
+            v = getattr(filled, name)
+            if v is None and name == "shift":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if filled.views not in (1, 2) or isinstance(filled.views, bool):
+            raise ValueError(f"views must be 1 (one-forward mode) or 2, got {filled.views!r}")
+        check_number("lr", filled.lr, low=0.0, low_open=True)
+        check_number("head_lr", filled.head_lr, low=0.0, low_open=True)
+        check_number("weight_decay", filled.weight_decay, low=0.0)
+        check_number("temperature", filled.temperature, low=0.0, low_open=True)
+        check_number("noise", filled.noise, low=0.0)
+        check_number("threshold", filled.threshold)
+        check_number("alpha", filled.alpha, low=0.0, low_open=True)
+        margin_schedule(filled.schedule, filled.depth, filled.m0, filled.mL)  # checks m0 and mL
+        p = filled.patch_size
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+            raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
+        return filled
+
+
+def default_shift(sample_shape) -> int:
+    """Random-shift augmentation by default: none for small images like the 8x8 digits (one pixel
+    is 12% of the image; in our digits runs a 1-pixel shift lowered the test accuracy of cff,
+    ff and symba on the MLP and of cff on the ViT),
+    side/8 for larger ones (4 for 32x32: the usual random-crop padding), none for vectors."""
+    if len(sample_shape) != 3 or min(sample_shape[1:]) < 16:
+        return 0
+    return min(sample_shape[1:]) // 8
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA device (use --device cpu)")
+    return torch.device(name)
+
+
+def _progress(epochs: int, desc: str, enabled: bool):
+    if not enabled:
+        return range(epochs)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+
+
+def default_patch(sample_shape) -> int:
+    """ViT patch side by default: a 4 x 4 grid of patches (16 tokens; 2x2 pixels on the digits)."""
+    if len(sample_shape) != 3:
+        raise ValueError("model 'vit' needs image inputs [N, C, H, W]; this dataset holds vectors")
+    return max(1, sample_shape[-1] // 4)
+
+
+def build_model(cfg: TrainConfig, data: Dataset) -> Encoder:
+    """The encoder of a (resolved) config, on the data's device. Deterministic in cfg.seed, layer by
+    layer (rng.INIT streams), so every process of a pipeline can build it and keep its own layers."""
+    patch = (cfg.patch_size or default_patch(data.sample_shape)) if cfg.model == "vit" else 1
+    label_scale = float(data.x_train.abs().max()) if cfg.method in FF_FAMILY else 1.0  # FF's label: a bright "pixel"
+    return build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.depth,
+                         heads=cfg.heads, patch_size=patch, label_input=cfg.method in FF_FAMILY,
+                         label_scale=label_scale, seed=cfg.seed).to(data.x_train.device)
+
+
+def build_augment(cfg: TrainConfig, data: Dataset) -> Augment:
+    return Augment(default_shift(data.sample_shape) if cfg.shift is None else cfg.shift, cfg.noise)
+
+
+def layer_margins(cfg: TrainConfig):
+    """CFF: the margin schedule; other methods: None per layer."""
+    if cfg.method != "cff":
+        return [None] * cfg.depth
+    return margin_schedule(cfg.schedule, cfg.depth, cfg.m0, cfg.mL)
+
+
+def build_local_layers(cfg: TrainConfig, encoder: Encoder, indices: Optional[Sequence[int]] = None) -> List[LocalLayer]:
+    """LocalLayers (own AdamW, own objective) for the contiguous layer indices ``indices`` (default:
+    all): a pipeline stage builds only its group."""
+    indices = list(range(cfg.depth)) if indices is None else list(indices)
+    if not indices or indices != list(range(indices[0], indices[0] + len(indices))) or not 0 <= indices[0] <= indices[-1] < cfg.depth:
+        raise ValueError(f"indices must be a non-empty contiguous range inside 0..{cfg.depth - 1}, got {indices}")
+    margins = layer_margins(cfg)
+    objectives = [make_objective(cfg.method, encoder, margins[l], temperature=cfg.temperature, threshold=cfg.threshold,
+                                 alpha=cfg.alpha, backend=cfg.backend) for l in indices]
+    return make_local_layers([encoder.layers[l] for l in indices], objectives, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             first_index=indices[0], autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+                             compile=cfg.compile)
+
+
+def epoch_inputs(cfg: TrainConfig, encoder: Encoder, data: Dataset, augment: Augment, epoch: int) -> Iterator[LayerBatch]:
+    """The first layer's inputs for every batch of ``epoch`` (shuffling, views, negatives from the
+    seeded streams): what the first stage of a pipeline feeds in."""
+    for step, idx in enumerate(batches(len(data.y_train), cfg.batch_size, cfg.seed, epoch)):
+        idx = idx.to(data.x_train.device)
+        yield first_batch(cfg.method, encoder, data.x_train[idx], data.y_train[idx], augment=augment,
+                          num_views=cfg.views, seed=cfg.seed, epoch=epoch, step=step)
+
+
+def valid_inputs(cfg: TrainConfig, encoder: Encoder, data: Dataset, augment: Augment) -> Iterator[LayerBatch]:
+    """Validation batches: the same views and negatives every epoch (epoch key 0 of the VALID
+    stream), so that the validation curves compare across epochs."""
+    for step, idx in enumerate(batches(len(data.y_valid), max(cfg.batch_size, 256), cfg.seed, 0, shuffle=False)):
+        idx = idx.to(data.x_valid.device)
+        yield first_batch(cfg.method, encoder, data.x_valid[idx], data.y_valid[idx], augment=augment,
+                          num_views=cfg.views, seed=cfg.seed, epoch=0, step=step, purpose=rng.VALID)
+
+
+def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Callable[[str], None] = print,
+          data: Optional[Dataset] = None) -> Dict:
+    """Runs one training and returns the metrics dict (see README: Training)."""
+    cfg = config.resolved()
+    t0 = time.perf_counter()
+    device = pick_device(cfg.device)
+    if cfg.bf16 and device.type != "cuda":
+        raise ValueError("bf16=True (--bf16) autocasts on a GPU; on the CPU it is not offered (use --device cuda)")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+    backend_name = resolve(cfg.backend, device).name
+    data = (data if data is not None else load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction)).to(device)
+    log(f"ffkern train: {cfg.method} on {cfg.model} | {data.summary()} | device {device}, loss backend {backend_name}")
+    encoder = build_model(cfg, data)
+    augment = build_augment(cfg, data)
+    bar = _progress(cfg.epochs, f"{cfg.method}/{cfg.model}", progress)
+
+    result: Dict = {}
+    if cfg.method == "bp":
+        history = History(["end-to-end"])
+        head = train_bp(encoder, data, history, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                        weight_decay=cfg.weight_decay, augment=augment, seed=cfg.seed, epoch_bar=bar,
+                        autocast_dtype=autocast_dtype)
+        with torch.no_grad():
+            encoder.eval()
+            result["valid_accuracy"] = accuracy(head(encoder(data.x_valid)).float(), data.y_valid)
+            result["test_accuracy"] = accuracy(head(encoder(data.x_test)).float(), data.y_test)
+    else:
+        layers = build_local_layers(cfg, encoder)
+        history = History([f"layer {l}" for l in range(cfg.depth)], layer_margins(cfg))
+        stage1(cfg, encoder, layers, data, augment, history, bar, log)
+        result.update(predict(cfg, encoder, data, autocast_dtype))
+
+    wall = time.perf_counter() - t0
+    log("\n" + format_table(history))
+    log(f"test accuracy {100 * result['test_accuracy']:.2f}% (valid {100 * result['valid_accuracy']:.2f}%), wall time {wall:.1f} s")
+    patch = getattr(encoder, "patch", None)
+    return {
+        "test_accuracy": result["test_accuracy"],
+        "valid_accuracy": result["valid_accuracy"],
+        "method": cfg.method, "model": cfg.model, "dataset": data.name,
+        "num_train": len(data.y_train), "num_valid": len(data.y_valid), "num_test": len(data.y_test),
+        "backend": backend_name, "device": str(device), "torch_threads": torch.get_num_threads(), "wall_time_s": wall,
+        "layers": history.to_json(),
+        "head": result.get("head"),
+        "config": dataclasses.asdict(cfg) | {"patch_size": patch, "shift": augment.shift},
+        "versions": {"ffkern": __version__, "torch": torch.__version__},
+    }
+
+
+def stage1(cfg: TrainConfig, encoder, layers, data: Dataset, augment: Augment, history: History, bar,
+           log: Callable[[str], None] = print) -> None:
+    """Layer-local epochs: every batch goes through the layers in order, each layer updating at once."""
+    warned = set()
+    for epoch in bar:
+        for batch in epoch_inputs(cfg, encoder, data, augment, epoch):
+            _, stats = run_layers(layers, batch, train=True)
+            for l, st in enumerate(stats):
+                history.add("train", l, st)
+        for batch in valid_inputs(cfg, encoder, data, augment):
+            _, stats = run_layers(layers, batch, train=False)
+            for l, st in enumerate(stats):
+                history.add("valid", l, st)
+        history.end_epoch()
+        for l in range(len(layers)):
+            value = history.last(l, "train_loss")
+            if not math.isfinite(value) and l not in warned:  # said once per layer, kept as null in the metrics
+                warned.add(l)
+                log(f"warning: layer {l} had a non-finite training loss ({value}) in epoch {epoch + 1}"
+                    " (at least one batch); its epoch mean is recorded as null")
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=" ".join(f"{history.last(l, 'train_loss'):.3f}" for l in range(len(layers))))
+
+
+def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
+    """Stage 2 (cff, or ff family with --ff-predict head): a linear head on the frozen encoder's
+    pooled features; otherwise FF's try-every-label rule. Returns accuracies and head info."""
+    if cfg.method in FF_FAMILY and cfg.ff_predict == "goodness":
+        opts = dict(backend=cfg.backend, autocast_dtype=autocast_dtype)
+        return {"valid_accuracy": accuracy(goodness_logits(encoder, cfg.method, data.x_valid, **opts), data.y_valid),
+                "test_accuracy": accuracy(goodness_logits(encoder, cfg.method, data.x_test, **opts), data.y_test),
+                "head": {"kind": "goodness of every label, summed over layers"}}
+
+    def feats(x):
+        per_layer = layer_features(encoder, x, autocast_dtype=autocast_dtype)
+        if cfg.method == "cff":
+            return per_layer[-1]
+        # FF family with a head (Hinton 2022): all layers but the first, neutral label.
+        return torch.cat(per_layer[1:] if len(per_layer) > 1 else per_layer, 1)
+
+    ftr, fva, fte = feats(data.x_train), feats(data.x_valid), feats(data.x_test)
+    head, info = train_linear_head(ftr, data.y_train, fva, data.y_valid, data.num_classes, epochs=cfg.head_epochs,
+                                   lr=cfg.head_lr, batch_size=cfg.batch_size, seed=cfg.seed)
+    with torch.no_grad():
+        return {"valid_accuracy": accuracy(head(fva), data.y_valid), "test_accuracy": accuracy(head(fte), data.y_test),
+                "head": {"kind": "linear (LayerNorm + Linear) on frozen features", **info}}
