@@ -108,14 +108,19 @@ SFFA_EPS = 1e-4
 
 
 def sffa_q(h: torch.Tensor, skip_tokens: int = 0) -> torch.Tensor:
-    """q = mean(h_P^2) / (mean(h_P^2) + mean(h_N^2)), P the first half of the units, N the second."""
+    """q = mean(h_P^2) / (mean(h_P^2) + mean(h_N^2)), P the first half of the units, N the second,
+    clamped to [1e-4, 1 - 1e-4]. An all-zero sample (both energies 0, e.g. every ReLU unit off)
+    gets q = 1/2 and no gradient, where the ratio would be 0/0 (SPEC 2 leaves it undefined)."""
     h = h.to(compute_dtype(h.dtype))
     if h.dim() == 3:
         h = h[:, skip_tokens:, :].mean(1)
     half = h.shape[-1] // 2
     m_p = h[:, :half].square().mean(-1)
     m_n = h[:, half:].square().mean(-1)
-    return torch.clamp(m_p / (m_p + m_n), SFFA_EPS, 1.0 - SFFA_EPS)
+    total = m_p + m_n
+    alive = total > 0
+    q = torch.where(alive, m_p / torch.where(alive, total, torch.ones_like(total)), torch.full_like(total, 0.5))
+    return torch.clamp(q, SFFA_EPS, 1.0 - SFFA_EPS)
 
 
 def sffa_loss(h_pos, h_neg, kind: str = "mean", skip_tokens: int = 0):

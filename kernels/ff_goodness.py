@@ -54,11 +54,14 @@ def _sigmoid(x):
 @triton.jit
 def _sffa_term(e1, e2, NEGATIVE: tl.constexpr, eps):
     """-log q (positive) or -log(1 - q) (negative), q = e1 / (e1 + e2) clamped to [eps, 1 - eps];
-    returns the term and c1, c2 (the clamp passes no gradient outside its range)."""
+    returns the term and c1, c2 (the clamp passes no gradient outside its range). An all-zero
+    sample (e1 + e2 = 0) has q = 1/2 and no gradient, as ffkern.reference.sffa_q defines."""
     total = e1 + e2
-    q_raw = e1 / total
+    alive = total > 0.0
+    total = tl.where(alive, total, 1.0)
+    q_raw = tl.where(alive, e1 / total, 0.5)
     q = tl.minimum(tl.maximum(q_raw, eps), 1.0 - eps)
-    inside = (q_raw >= eps) & (q_raw <= 1.0 - eps)
+    inside = alive & (q_raw >= eps) & (q_raw <= 1.0 - eps)
     if NEGATIVE:
         term = -tl.log(1.0 - q)
         dq = 1.0 / (1.0 - q)

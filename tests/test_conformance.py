@@ -229,6 +229,23 @@ def test_sffa_clamp_passes_no_gradient(backend, device):
     assert not h_pos.grad.any()
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_sffa_all_zero_sample_is_finite(backend, device):
+    """An all-zero sample (every ReLU unit off) has q = 1/2 and passes no gradient, instead of 0/0."""
+    h_pos = torch.randn(3, 2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h_neg = torch.randn(3, 2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    h_pos[1] = 0.0
+    h_neg[2] = 0.0
+    h_pos, h_neg = h_pos.to(device).requires_grad_(), h_neg.to(device).requires_grad_()
+    loss = ffkern.sffa_loss(h_pos, h_neg, skip_tokens=1, backend=backend)
+    assert torch.isfinite(loss)
+    ref = ffkern.sffa_loss(h_pos.detach().cpu(), h_neg.detach().cpu(), skip_tokens=1, backend="reference")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    loss.backward()
+    assert torch.isfinite(h_pos.grad).all() and torch.isfinite(h_neg.grad).all()
+    assert not h_pos.grad[1].any() and not h_neg.grad[2].any()
+
+
 def test_modules_match_functions():
     gen = torch.Generator().manual_seed(1)
     x1, x2 = torch.randn(8, 5, generator=gen), torch.randn(8, 5, generator=gen)
