@@ -22,6 +22,16 @@ SFFA_EPS = 1e-4  # q is clamped to [eps, 1 - eps]
 
 
 @triton.jit
+def _token_mean(H, rows, d, mask, T, skip, stride_b, stride_t, inv_count,
+                ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """hbar [BLOCK_B, BLOCK_D]: mean over tokens skip..T-1 of features d of samples rows."""
+    total = tl.zeros([BLOCK_B, BLOCK_D], ACC)
+    for t in range(skip, T):
+        total += tl.load(H + rows[:, None] * stride_b + t * stride_t + d[None, :], mask=mask, other=0.0).to(ACC)
+    return total * inv_count
+
+
+@triton.jit
 def _energies(H, rows, rmask, T, dim, skip, stride_b, stride_t, inv_count, split,
               ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     e1 = tl.zeros([BLOCK_B], ACC)
@@ -30,10 +40,7 @@ def _energies(H, rows, rmask, T, dim, skip, stride_b, stride_t, inv_count, split
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + dk
         mask = rmask[:, None] & (d[None, :] < dim)
-        total = tl.zeros([BLOCK_B, BLOCK_D], ACC)
-        for t in range(skip, T):
-            total += tl.load(H + rows[:, None] * stride_b + t * stride_t + d[None, :], mask=mask, other=0.0).to(ACC)
-        sq = total * inv_count
+        sq = _token_mean(H, rows, d, mask, T, skip, stride_b, stride_t, inv_count, ACC, BLOCK_B, BLOCK_D)
         sq = sq * sq
         e1 += tl.sum(tl.where(d[None, :] < split, sq, 0.0), 1)
         e2 += tl.sum(tl.where(d[None, :] < split, 0.0, sq), 1)
@@ -124,10 +131,8 @@ def _ff_bwd_kernel(H, DH, C1, C2, SCALE, B, T, dim, skip, stride_b, stride_t, st
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + dk
         mask = rmask[:, None] & (d[None, :] < dim)
-        total = tl.zeros([BLOCK_B, BLOCK_D], ACC)
-        for t in range(skip, T):
-            total += tl.load(H + rows[:, None] * stride_b + t * stride_t + d[None, :], mask=mask, other=0.0).to(ACC)
-        grad = tl.where(d[None, :] < split, c1[:, None], c2[:, None]) * (total * inv_count)
+        hbar = _token_mean(H, rows, d, mask, T, skip, stride_b, stride_t, inv_count, ACC, BLOCK_B, BLOCK_D)
+        grad = tl.where(d[None, :] < split, c1[:, None], c2[:, None]) * hbar  # (scale already holds 1/T')
         for t in range(0, T):
             value = tl.where(t >= skip, grad, 0.0)
             tl.store(DH + rows[:, None] * stride_db + t * stride_dt + d[None, :], value.to(DH.dtype.element_ty), mask=mask)
