@@ -15,40 +15,65 @@
 
 #include "../checks.h"
 #include "../ff_math.h"
+#include "simd.h"
 
 namespace ffkern {
 namespace cpu {
 namespace {
 
-// Token mean of one sample h [T, D] over tokens skip..T-1 into m [D]; returns E0 and E1.
+// Sum of squares of n values, in kLanes independent partial sums: the compiler vectorizes the
+// lanes without reassociating a float reduction (which it may not do without -ffast-math).
+template <typename T, typename acc_t>
+FFKERN_ALWAYS_INLINE acc_t sum_squares(const T* x, int64_t n) {
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const acc_t v = static_cast<acc_t>(x[i + k]);
+      lanes[k] += v * v;
+    }
+  }
+  acc_t total = 0;
+  for (; i < n; ++i) total += static_cast<acc_t>(x[i]) * static_cast<acc_t>(x[i]);
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+// Token mean of one sample h [T, D] over tokens skip..T-1 into m [D]; returns E0 and E1
+// (E0 over the first D/2 features, E1 over the rest).
 template <typename in_t, typename acc_t>
-void token_mean_energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m, acc_t* e0, acc_t* e1) {
-  for (int64_t d = 0; d < dim; ++d) m[d] = acc_t(0);
-  for (int64_t t = skip; t < tokens; ++t) {
-    const in_t* row = h + t * dim;
-    for (int64_t d = 0; d < dim; ++d) m[d] += static_cast<acc_t>(row[d]);
-  }
-  const acc_t count = acc_t(tokens - skip);
+FFKERN_ALWAYS_INLINE void token_mean_energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m,
+                                              acc_t* e0, acc_t* e1) {
   const int64_t half = dim / 2;
-  acc_t s0 = 0, s1 = 0;
-  for (int64_t d = 0; d < dim; ++d) {
-    m[d] = m[d] / count;
-    (d < half ? s0 : s1) += m[d] * m[d];
+  const in_t* first = h + skip * dim;
+  for (int64_t d = 0; d < dim; ++d) m[d] = static_cast<acc_t>(first[d]);
+  if (tokens - skip > 1) {
+    for (int64_t t = skip + 1; t < tokens; ++t) {
+      const in_t* row = h + t * dim;
+      for (int64_t d = 0; d < dim; ++d) m[d] += static_cast<acc_t>(row[d]);
+    }
+    const acc_t inv_count = acc_t(1) / acc_t(tokens - skip);
+    for (int64_t d = 0; d < dim; ++d) m[d] *= inv_count;
   }
-  *e0 = s0;
-  *e1 = s1;
+  *e0 = sum_squares<acc_t, acc_t>(m, half);
+  *e1 = sum_squares<acc_t, acc_t>(m + half, dim - half);
 }
 
 // dL/dh of one sample: dL/dE_half(d) * 2 m_d / T' for the mean's tokens, 0 for skipped ones.
 template <typename in_t, typename acc_t>
-void write_grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const acc_t* m, acc_t d0, acc_t d1) {
+FFKERN_ALWAYS_INLINE void write_grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const acc_t* m, acc_t d0,
+                                     acc_t d1) {
   const int64_t half = dim / 2;
   const acc_t c0 = acc_t(2) * d0 / acc_t(tokens - skip), c1 = acc_t(2) * d1 / acc_t(tokens - skip);
-  for (int64_t t = 0; t < tokens; ++t) {
+  for (int64_t t = 0; t < skip; ++t) {
     in_t* row = dh + t * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      row[d] = t < skip ? in_t(0) : static_cast<in_t>((d < half ? c0 : c1) * m[d]);
-    }
+    for (int64_t d = 0; d < dim; ++d) row[d] = in_t(0);
+  }
+  for (int64_t t = skip; t < tokens; ++t) {
+    in_t* row = dh + t * dim;
+    for (int64_t d = 0; d < half; ++d) row[d] = static_cast<in_t>(c0 * m[d]);
+    for (int64_t d = half; d < dim; ++d) row[d] = static_cast<in_t>(c1 * m[d]);
   }
 }
 
