@@ -50,6 +50,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="FF family: try every label (goodness, default) or a linear head on the neutral-label features")
     g.add_argument("--backend", default="auto", help="ffkern loss backend: auto (default), reference, triton or cpp")
     g = p.add_argument_group("speed")
+    g.add_argument("--pipeline", action="store_true",
+                   help="layer pipeline over the processes of torchrun (torchrun --nproc_per_node=R -m ffkern train"
+                        " --pipeline): rank r trains a contiguous group of layers; same result as without it")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the layers (GPU only; default off)")
     g.add_argument("--compile", action="store_true", help="torch.compile every layer (default off)")
     g.add_argument("--threads", type=int, default=None,
@@ -67,12 +70,23 @@ def run(args: argparse.Namespace) -> int:
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     config = TrainConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
     try:  # a bad option or dataset is the user's input: a one-line error, exit status 2 (as argparse does)
-        config.resolved()
+        resolved = config.resolved()
+        if args.pipeline:
+            from .pipeline import check_pipeline, world_size_from_env
+
+            check_pipeline(resolved, world_size_from_env())  # every rank refuses alike, before any talks
         data = load_dataset(config.dataset, config.seed, config.valid_fraction)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"ffkern train: error: {exc}", file=sys.stderr)
         return 2
-    metrics = train(config, progress=not args.no_progress, data=data)
+    if args.pipeline:
+        from .pipeline import train_pipeline
+
+        metrics = train_pipeline(config, progress=not args.no_progress, data=data)
+        if metrics is None:  # ranks > 0: rank 0 reports and writes the files
+            return 0
+    else:
+        metrics = train(config, progress=not args.no_progress, data=data)
     if args.metrics_out:
         write_metrics(args.metrics_out, metrics)
         print(f"metrics written to {args.metrics_out}")

@@ -185,10 +185,15 @@ def epoch_inputs(cfg: TrainConfig, encoder: Encoder, data: Dataset, augment: Aug
                           num_views=cfg.views, seed=cfg.seed, epoch=epoch, step=step)
 
 
+def valid_batch_size(cfg: TrainConfig) -> int:
+    """Validation batches are at least 256 samples (no update happens, so bigger is just faster)."""
+    return max(cfg.batch_size, 256)
+
+
 def valid_inputs(cfg: TrainConfig, encoder: Encoder, data: Dataset, augment: Augment) -> Iterator[LayerBatch]:
     """Validation batches: the same views and negatives every epoch (epoch key 0 of the VALID
     stream), so that the validation curves compare across epochs."""
-    for step, idx in enumerate(batches(len(data.y_valid), max(cfg.batch_size, 256), cfg.seed, 0, shuffle=False)):
+    for step, idx in enumerate(batches(len(data.y_valid), valid_batch_size(cfg), cfg.seed, 0, shuffle=False)):
         idx = idx.to(data.x_valid.device)
         yield first_batch(cfg.method, encoder, data.x_valid[idx], data.y_valid[idx], augment=augment,
                           num_views=cfg.views, seed=cfg.seed, epoch=0, step=step, purpose=rng.VALID)
@@ -200,10 +205,7 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     cfg = config.resolved()
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
-    if cfg.bf16 and device.type != "cuda":
-        raise ValueError("bf16=True (--bf16) autocasts on a GPU; on the CPU it is not offered (use --device cuda)")
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    apply_device_options(cfg, device)
     autocast_dtype = torch.bfloat16 if cfg.bf16 else None
     backend_name = resolve(cfg.backend, device).name
     data = (data if data is not None else load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction)).to(device)
@@ -228,6 +230,20 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
         stage1(cfg, encoder, layers, data, augment, history, bar, log)
         result.update(predict(cfg, encoder, data, autocast_dtype))
 
+    return run_metrics(cfg, data, encoder, augment, history, result, backend_name, device, t0, log)
+
+
+def apply_device_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Checks the options that depend on the device and sets torch's CPU threads."""
+    if cfg.bf16 and device.type != "cuda":
+        raise ValueError("bf16=True (--bf16) autocasts on a GPU; on the CPU it is not offered (use --device cuda)")
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+
+
+def run_metrics(cfg: TrainConfig, data: Dataset, encoder, augment: Augment, history: History, result: Dict,
+                backend_name: str, device, t0: float, log: Callable[[str], None]) -> Dict:
+    """Logs the end table and accuracies, and returns the metrics dict of a finished run."""
     wall = time.perf_counter() - t0
     log("\n" + format_table(history))
     log(f"test accuracy {100 * result['test_accuracy']:.2f}% (valid {100 * result['valid_accuracy']:.2f}%), wall time {wall:.1f} s")
@@ -259,14 +275,20 @@ def stage1(cfg: TrainConfig, encoder, layers, data: Dataset, augment: Augment, h
             for l, st in enumerate(stats):
                 history.add("valid", l, st)
         history.end_epoch()
-        for l in range(len(layers)):
-            value = history.last(l, "train_loss")
-            if not math.isfinite(value) and l not in warned:  # said once per layer, kept as null in the metrics
-                warned.add(l)
-                log(f"warning: layer {l} had a non-finite training loss ({value}) in epoch {epoch + 1}"
-                    " (at least one batch); its epoch mean is recorded as null")
+        warn_nonfinite(history, epoch, warned, log)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=" ".join(f"{history.last(l, 'train_loss'):.3f}" for l in range(len(layers))))
+
+
+def warn_nonfinite(history: History, epoch: int, warned: set, log: Callable[[str], None], first_layer: int = 0) -> None:
+    """After an epoch: a warning, once per layer, for a non-finite training loss (kept as null in
+    the metrics). ``first_layer``: the global index of the history's first layer (a pipeline stage)."""
+    for l in range(len(history.names)):
+        value = history.last(l, "train_loss")
+        if not math.isfinite(value) and l not in warned:
+            warned.add(l)
+            log(f"warning: layer {first_layer + l} had a non-finite training loss ({value}) in epoch {epoch + 1}"
+                " (at least one batch); its epoch mean is recorded as null")
 
 
 def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:

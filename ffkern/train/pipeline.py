@@ -1,0 +1,385 @@
+"""The layer pipeline on torch.distributed (CFF paper, section 5.1; SPEC 3): ``ffkern train --pipeline``.
+
+Rank r of R owns a contiguous group of layers (``split_layers``). Rank 0 builds every batch's
+first-layer input from the seeded streams; every rank trains its layers on the batch and hands the
+detached output and the labels to rank r+1 by point-to-point messages. Communication overlaps
+compute: a stage posts the receive of message t+1 before it computes message t, and posts the send
+of t without waiting for it (at most ``MAX_SENDS_IN_FLIGHT`` sends outstanding, which bounds the
+memory of a fast stage that runs ahead of a slow one).
+
+Why the result equals the sequential run (bit for bit when every process uses the same number of
+CPU threads): a layer's update depends only on its input batch (layerwise.py), the inputs come from
+streams keyed by (seed, purpose, epoch, step) (rng.py), every process builds the same initial
+weights (models.py), and each stage sees its messages in the sequential order: the training batches
+of an epoch, then that epoch's validation batches (evaluated with the weights at the end of the
+epoch, as the sequential trainer does). The pipeline only changes when work happens.
+
+After stage 1 the owners broadcast their layers' weights, the per-layer histories are gathered
+on rank 0, and rank 0 evaluates (linear head, or FF's try-every-label over all layers' goodness)
+exactly as the sequential trainer does, and writes the metrics.
+
+Message protocol between rank r and r+1: once, a header of ``_HEADER_LEN`` int64 (message count,
+view groups, dtype, per-sample shape of the activations); then per message the activations
+[groups * B, ...] and the labels [B] (int64). B of every message is known to both ranks in advance
+from the batch plan (``message_plan``), so receives can be posted before the data exists.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from .._backend import resolve
+from ..distributed import check_group
+from .data import Dataset, batches, load_dataset
+from .layerwise import run_layers
+from .methods import LayerBatch
+from .metrics import History
+from .trainer import (TrainConfig, _progress, apply_device_options, build_augment, build_local_layers, build_model,
+                      epoch_inputs, layer_margins, pick_device, predict, run_metrics, valid_batch_size, valid_inputs,
+                      warn_nonfinite)
+
+MAX_SENDS_IN_FLIGHT = 2  # messages a stage may have sent but not yet seen delivered
+_MAGIC = 0x46464B50  # "FFKP": a header from this protocol, not stray bytes
+_MAX_TAIL_DIMS = 4  # per-sample activation shape: [D] for the MLP, [T, D] for the ViT
+_HEADER_LEN = 5 + _MAX_TAIL_DIMS  # magic, messages, groups, dtype, ndim, tail dims
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Config fields that may differ between ranks: they change speed, never the numbers.
+_LOCAL_FIELDS = ("threads",)
+
+
+# ---------------------------------------------------------------- the plan (same on every rank)
+def split_layers(depth: int, world: int) -> List[List[int]]:
+    """Layer indices of each rank: contiguous groups, as even as possible (the first
+    ``depth % world`` ranks get one more). Every rank needs at least one layer."""
+    for name, v in (("depth", depth), ("world", world)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if world > depth:
+        raise ValueError(f"the pipeline has {world} processes but the model has only {depth} layers; every rank needs at"
+                         f" least one layer: use --layers >= {world} or --nproc_per_node <= {depth}")
+    base, extra = divmod(depth, world)
+    groups, start = [], 0
+    for r in range(world):
+        n = base + (r < extra)
+        groups.append(list(range(start, start + n)))
+        start += n
+    return groups
+
+
+def check_pipeline(cfg: TrainConfig, world: int) -> None:
+    """The errors a pipeline run can know before any process talks to another (every rank raises
+    the same one, so none is left waiting)."""
+    if cfg.method == "bp":
+        raise ValueError("method 'bp' (end-to-end backpropagation) cannot be pipelined layer by layer: every layer"
+                         " needs the gradient from the loss at the end; use --method cff, ff, symba or sffa, or drop --pipeline")
+    split_layers(cfg.depth, world)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One batch through the pipeline: its split ("train" updates, "valid" only evaluates),
+    epoch, number of samples B, and whether it closes its epoch (history.end_epoch)."""
+
+    split: str
+    epoch: int
+    samples: int
+    last_of_epoch: bool
+
+
+def message_plan(cfg: TrainConfig, num_train: int, num_valid: int) -> List[Message]:
+    """Every message of stage 1 in order, as the sequential trainer runs them: per epoch the
+    training batches (epoch_inputs) then the validation batches (valid_inputs)."""
+    plan = []
+    for epoch in range(cfg.epochs):
+        sizes = [("train", len(i)) for i in batches(num_train, cfg.batch_size, cfg.seed, epoch)]
+        sizes += [("valid", len(i)) for i in batches(num_valid, valid_batch_size(cfg), cfg.seed, 0, shuffle=False)]
+        plan += [Message(split, epoch, n, k == len(sizes) - 1) for k, (split, n) in enumerate(sizes)]
+    return plan
+
+
+def world_size_from_env() -> int:
+    """R before any process group exists: torchrun's WORLD_SIZE (1 without torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        raise ValueError(f"environment variable WORLD_SIZE must be an integer >= 1, got {text!r}") from None
+    if world < 1:
+        raise ValueError(f"environment variable WORLD_SIZE must be an integer >= 1, got {text!r}")
+    return world
+
+
+# ---------------------------------------------------------------- point-to-point channels
+class Outbox:
+    """Sends this stage's outputs to the next rank without waiting; the header goes first."""
+
+    def __init__(self, dst: int, group, num_messages: int, groups: int, device: torch.device):
+        self.dst, self.group, self.num_messages, self.groups, self.device = dst, group, num_messages, groups, device
+        self.tail: Optional[tuple] = None
+        self.dtype: Optional[torch.dtype] = None
+        self.pending: collections.deque = collections.deque()  # (works, tensors kept alive until sent)
+        self.wait_s = 0.0
+
+    def _header(self, h: torch.Tensor) -> torch.Tensor:
+        tail = tuple(h.shape[1:])
+        if len(tail) > _MAX_TAIL_DIMS or h.dtype not in _DTYPES:
+            raise RuntimeError(f"pipeline: cannot send activations of shape {list(h.shape)} and dtype {h.dtype}")
+        self.tail, self.dtype = tail, h.dtype
+        values = [_MAGIC, self.num_messages, self.groups, _DTYPES.index(h.dtype), len(tail), *tail]
+        values += [0] * (_HEADER_LEN - len(values))
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def send(self, batch: LayerBatch) -> None:
+        h, y = batch.h.contiguous(), batch.labels.to(torch.int64).contiguous()
+        if self.tail is None:
+            header = self._header(h)
+            _wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, header, self.dst, self.group)]))
+        if tuple(h.shape[1:]) != self.tail or h.dtype != self.dtype or h.shape[0] != batch.groups * y.shape[0] \
+                or batch.groups != self.groups:
+            # Every message of a stage has the shape announced in the header; anything else is a bug here.
+            raise RuntimeError(f"pipeline: message of shape {list(h.shape)} {h.dtype} ({batch.groups} groups of"
+                               f" {y.shape[0]} samples) does not match the header {self.tail} {self.dtype} ({self.groups} groups)")
+        while len(self.pending) >= MAX_SENDS_IN_FLIGHT:
+            self._wait_oldest()
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, h, self.dst, self.group),
+                                        dist.P2POp(dist.isend, y, self.dst, self.group)])
+        self.pending.append((works, (h, y)))
+
+    def _wait_oldest(self) -> None:
+        works, _ = self.pending.popleft()
+        t = time.perf_counter()
+        _wait(works)
+        self.wait_s += time.perf_counter() - t
+
+    def flush(self) -> None:
+        while self.pending:
+            self._wait_oldest()
+
+
+class Inbox:
+    """Receives the previous rank's outputs; ``post(i)`` starts the receive of message i into
+    buffers sized from the plan, ``take(i)`` waits for it."""
+
+    def __init__(self, src: int, group, plan: Sequence[Message], device: torch.device):
+        self.src, self.group, self.plan, self.device = src, group, plan, device
+        header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
+        t = time.perf_counter()
+        _wait(dist.batch_isend_irecv([dist.P2POp(dist.irecv, header, src, group)]))
+        self.wait_s = time.perf_counter() - t
+        magic, count, groups, dtype, ndim, *tail = header.tolist()
+        if magic != _MAGIC or not 0 <= dtype < len(_DTYPES) or not 0 <= ndim <= _MAX_TAIL_DIMS:
+            raise RuntimeError(f"pipeline: rank {src} sent a header this version does not understand: {header.tolist()}")
+        if count != len(plan):
+            raise RuntimeError(f"pipeline: rank {src} plans {count} messages but this rank {len(plan)}; the ranks must run"
+                               " the same command on the same data")
+        self.groups, self.dtype, self.tail = groups, _DTYPES[dtype], tuple(tail[:ndim])
+        self.posted: Dict[int, tuple] = {}
+
+    def post(self, i: int) -> None:
+        b = self.plan[i].samples
+        h = torch.empty((self.groups * b, *self.tail), dtype=self.dtype, device=self.device)
+        y = torch.empty(b, dtype=torch.int64, device=self.device)
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, h, self.src, self.group),
+                                        dist.P2POp(dist.irecv, y, self.src, self.group)])
+        self.posted[i] = (works, h, y)
+
+    def take(self, i: int) -> LayerBatch:
+        works, h, y = self.posted.pop(i)
+        t = time.perf_counter()
+        _wait(works)
+        self.wait_s += time.perf_counter() - t
+        return LayerBatch(h, y, self.groups)
+
+
+def _wait(works) -> None:
+    for w in works or ():
+        w.wait()
+
+
+# ---------------------------------------------------------------- process group
+def _rank_device(cfg: TrainConfig) -> torch.device:
+    """CPU, or the GPU of this process on its node (torchrun's LOCAL_RANK)."""
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
+
+
+@contextlib.contextmanager
+def _process_group(group, device: torch.device):
+    """The group to run on: the one given, the default one if the caller made it, or a new one
+    from torchrun's environment (one process without torchrun) that is destroyed afterwards."""
+    if group is None and dist.is_initialized():
+        group = dist.group.WORLD
+    if group is not None:
+        check_group(group, device)
+        yield group
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, init_method="env://")
+    else:  # a pipeline of one process: no launcher, no network
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(minutes=5))
+    try:
+        yield dist.group.WORLD
+        # Ranks > 0 finish before rank 0 has evaluated; leaving together means no rank tears its
+        # connections down while another still runs (gloo's I/O threads see a peer vanish).
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_same_run(cfg: TrainConfig, data: Dataset, group) -> None:
+    """Every rank must train the same thing: the configs and data shapes are all-gathered and
+    compared; every rank sees the same table, so on a mismatch all raise the same error."""
+    mine = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _LOCAL_FIELDS},
+            "data": [data.name, len(data.y_train), len(data.y_valid), len(data.y_test), list(data.sample_shape), data.num_classes]}
+    table: List = [None] * dist.get_world_size(group)
+    dist.all_gather_object(table, mine, group=group)
+    for r, other in enumerate(table):
+        if other != table[0]:
+            keys = sorted(k for k in other["config"] if other["config"][k] != table[0]["config"].get(k))
+            what = f"config fields {keys}" if keys else f"data {other['data']} vs {table[0]['data']}"
+            raise ValueError(f"pipeline: rank {r} disagrees with rank 0 on {what}; every rank must run the same command")
+
+
+# ---------------------------------------------------------------- the run
+def train_pipeline(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Callable[[str], None] = print,
+                   data: Optional[Dataset] = None, group=None) -> Optional[Dict]:
+    """Runs ``config`` as a layer pipeline over the ranks of ``group`` (default: the initialized
+    default group, else one from torchrun's environment, else a single process). Every rank calls
+    this; rank 0 returns the metrics dict (the sequential run's, plus a "pipeline" entry), the
+    others return None."""
+    cfg = config.resolved()
+    t0 = time.perf_counter()
+    if group is None:  # with a group, _run checks against its size
+        check_pipeline(cfg, world_size_from_env())
+    device = _rank_device(cfg)
+    apply_device_options(cfg, device)
+    with _process_group(group, device) as pg:
+        return _run(cfg, device, pg, data, progress, log, t0)
+
+
+def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], progress: bool,
+         log: Callable[[str], None], t0: float) -> Optional[Dict]:
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    check_pipeline(cfg, world)
+    owners = split_layers(cfg.depth, world)
+    mine = owners[rank]
+    backend_name = resolve(cfg.backend, device).name
+    data = data if data is not None else load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction)
+    _check_same_run(cfg, data, pg)
+    if rank == 0:  # only the first stage reads inputs (and rank 0 evaluates at the end)
+        data = data.to(device)
+        log(f"ffkern train --pipeline: {cfg.method} on {cfg.model} | {data.summary()} | device {device}, loss backend"
+            f" {backend_name} | {world} ranks ({dist.get_backend(pg)}), layers per rank {owners}")
+    encoder = build_model(cfg, data).to(device)  # every rank: the same initial weights (seeded per layer)
+    augment = build_augment(cfg, data)
+    layers = build_local_layers(cfg, encoder, mine)
+    margins = layer_margins(cfg)
+    history = History([f"layer {l}" for l in mine], [margins[l] for l in mine])
+    plan = message_plan(cfg, len(data.y_train), len(data.y_valid))
+
+    inbox = outbox = None
+    if rank > 0:
+        src = dist.get_global_rank(pg, rank - 1)
+    if rank < world - 1:
+        groups = cfg.views if cfg.method == "cff" else 2
+        outbox = Outbox(dist.get_global_rank(pg, rank + 1), pg, len(plan), groups, device)
+    inputs = _first_stage_inputs(cfg, encoder, data, augment) if rank == 0 else None
+
+    last = rank == world - 1
+    bar = _progress(cfg.epochs, f"pipeline {cfg.method}/{cfg.model}", progress and last)  # the last stage ends last
+    warned: set = set()
+    dist.barrier(group=pg)  # start the clock together: stage1_s then measures the pipeline, not process starts
+    t_stage = time.perf_counter()
+    if rank > 0:
+        inbox = Inbox(src, pg, plan, device)
+        inbox.post(0)
+    for i, msg in enumerate(plan):
+        if rank == 0:
+            batch = next(inputs)
+            if batch.labels.shape[0] != msg.samples:
+                raise RuntimeError(f"pipeline: batch {i} has {batch.labels.shape[0]} samples, the plan {msg.samples}")
+        else:
+            batch = inbox.take(i)
+            if i + 1 < len(plan):
+                inbox.post(i + 1)  # the next receive runs while this batch is computed
+        out, stats = run_layers(layers, batch, train=msg.split == "train")
+        for l, st in enumerate(stats):
+            history.add(msg.split, l, st)
+        if outbox is not None:
+            outbox.send(out)
+        if msg.last_of_epoch:
+            history.end_epoch()
+            warn_nonfinite(history, msg.epoch, warned, lambda s: log(f"rank {rank}: {s}"), first_layer=mine[0])
+            if hasattr(bar, "update"):
+                bar.set_postfix(loss=" ".join(f"{history.last(l, 'train_loss'):.3f}" for l in range(len(layers))),
+                                refresh=False)
+                bar.update(1)
+    if outbox is not None:
+        outbox.flush()
+    stage1_s = time.perf_counter() - t_stage
+    if hasattr(bar, "close"):
+        bar.close()
+
+    _share_weights(encoder, owners, pg)
+    report = {"rank": rank, "layers": mine, "records": history.layers, "stage1_s": stage1_s,
+              "wait_recv_s": inbox.wait_s if inbox else 0.0, "wait_send_s": outbox.wait_s if outbox else 0.0}
+    reports = [None] * world if rank == 0 else None
+    dist.gather_object(report, reports, dst=dist.get_global_rank(pg, 0), group=pg)
+    if rank != 0:
+        return None
+
+    full = History([f"layer {l}" for l in range(cfg.depth)], margins)
+    for rep in reports:
+        for l, rec in zip(rep["layers"], rep["records"]):
+            full.layers[l] = rec
+    result = predict(cfg, encoder, data, torch.bfloat16 if cfg.bf16 else None)
+    metrics = run_metrics(cfg, data, encoder, augment, full, result, backend_name, device, t0, log)
+    metrics["pipeline"] = {
+        "world_size": world, "layers_per_rank": owners, "process_group_backend": dist.get_backend(pg),
+        "train_steps": sum(m.split == "train" for m in plan), "valid_steps": sum(m.split == "valid" for m in plan),
+        "stage1_s": max(rep["stage1_s"] for rep in reports),
+        "ranks": [{k: rep[k] for k in ("rank", "layers", "stage1_s", "wait_recv_s", "wait_send_s")} for rep in reports],
+    }
+    return metrics
+
+
+def _first_stage_inputs(cfg: TrainConfig, encoder, data: Dataset, augment) -> Iterator[LayerBatch]:
+    """Rank 0's stream: the sequential trainer's inputs in its order (message_plan's order)."""
+    for epoch in range(cfg.epochs):
+        yield from epoch_inputs(cfg, encoder, data, augment, epoch)
+        yield from valid_inputs(cfg, encoder, data, augment)
+
+
+@torch.no_grad()
+def _share_weights(encoder, owners: Sequence[Sequence[int]], group) -> None:
+    """Every layer's trained weights from its owner to every rank (one broadcast per layer of the
+    flattened parameters and buffers), so that rank 0 holds the whole trained encoder."""
+    for r, indices in enumerate(owners):
+        src = dist.get_global_rank(group, r)
+        for l in indices:
+            by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
+            for t in encoder.layers[l].state_dict().values():  # views of the parameters: copied into in place
+                by_dtype.setdefault(t.dtype, []).append(t)
+            for tensors in by_dtype.values():  # one message per dtype: no value is ever cast
+                flat = torch.cat([t.reshape(-1) for t in tensors])
+                dist.broadcast(flat, src=src, group=group)
+                start = 0
+                for t in tensors:
+                    t.copy_(flat[start:start + t.numel()].view_as(t))
+                    start += t.numel()

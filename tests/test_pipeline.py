@@ -1,0 +1,281 @@
+"""The layer pipeline (ffkern.train.pipeline) against the sequential trainer: same seed, same
+per-layer loss history (train and valid losses, clipped fractions), same head and test accuracy,
+bit for bit on CPU/gloo.
+
+Each world (2 and 3 gloo processes, loopback only, one CPU thread each) is started once: this file
+run as a script is the worker; it trains every run of its world as a pipeline and saves rank 0's
+metrics (and every rank's errors for the refused cases). The sequential runs are made in this
+process with one thread too, so both sides do the same float operations. One more test launches
+``torchrun --nproc_per_node=2 -m ffkern train --pipeline`` end to end.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from ffkern.cli import main
+from ffkern.train.data import batches, load_npz
+from ffkern.train.pipeline import check_pipeline, message_plan, split_layers, train_pipeline
+from ffkern.train.trainer import TrainConfig, train, valid_batch_size
+
+WORKER_TIMEOUT_S = 240
+TINY = dict(epochs=2, batch_size=64, head_epochs=2, backend="reference", device="cpu", threads=1)
+# Per world: the runs it trains as a pipeline (name -> TrainConfig fields). Layer splits:
+# depth 3 on 2 ranks [[0, 1], [2]]; depth 3 on 3 ranks one each; depth 4 on 3 ranks [[0, 1], [2], [3]].
+RUNS = {
+    2: {
+        "cff-mlp": dict(method="cff", model="mlp", width=24, depth=3, lr=3e-3),
+        "symba-mlp-head": dict(method="symba", model="mlp", width=24, depth=3, lr=3e-3, ff_predict="head"),
+    },
+    3: {
+        "cff-vit-oneview": dict(method="cff", model="vit", width=16, depth=3, heads=2, views=1, lr=3e-3),
+        "ff-mlp": dict(method="ff", model="mlp", width=24, depth=4, lr=3e-3),
+    },
+}
+
+
+def config(**fields) -> TrainConfig:
+    return TrainConfig(**{**TINY, **fields})
+
+
+# ---------------------------------------------------------------- a small dataset (no download)
+def write_dataset(path: str) -> None:
+    """4 classes of 8x8 one-channel images: a class template plus noise, so that a tiny run
+    learns something (accuracies are compared, so they should not all sit at chance)."""
+    gen = np.random.default_rng(5)
+    templates = gen.normal(size=(4, 1, 8, 8))
+    def part(n):
+        y = gen.integers(0, 4, n)
+        return (templates[y] + 0.8 * gen.normal(size=(n, 1, 8, 8))).astype(np.float32), y.astype(np.int64)
+    (xtr, ytr), (xte, yte) = part(220), part(60)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+
+
+@pytest.fixture(scope="module")
+def dataset_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("pipeline-data") / "toy.npz")
+    write_dataset(path)
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """The sequential runs use one CPU thread, as every pipeline process does (a different
+    thread count may split reductions differently and change the last bits)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- the worker (one rank)
+def _worker(rank: int, world: int, init_file: str, out_dir: str, data_path: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S // 2))
+    out = {"runs": {}, "errors": {}}
+    for name, fields in RUNS[world].items():
+        cfg = config(**fields)
+        data = load_npz(data_path, cfg.seed, cfg.valid_fraction)
+        out["runs"][name] = train_pipeline(cfg, progress=False, log=lambda s: None, data=data)
+
+    data = load_npz(data_path, 0, 0.1)
+    refused = {  # every rank must raise the same error (none may be left waiting for another)
+        "too_few_layers": config(width=24, depth=world - 1),
+        "ranks_disagree": config(width=24, depth=world, seed=1 if rank == world - 1 else 0),
+        "bp": config(method="bp", width=24, depth=world),
+    }
+    for name, cfg in refused.items():
+        try:
+            train_pipeline(cfg, progress=False, log=lambda s: None, data=data, group=dist.group.WORLD)
+            out["errors"][name] = None
+        except ValueError as err:
+            out["errors"][name] = str(err)
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+_worlds: dict = {}
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    return env
+
+
+def run_world(world: int, data_path: str):
+    """Starts ``world`` worker processes once per test session; returns their saved results, or
+    a string with the failed workers' output."""
+    if world in _worlds:
+        return _worlds[world]
+    tmp = tempfile.mkdtemp(prefix=f"ffkern-pipe{world}-")
+    procs = [
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(rank), str(world),
+                          os.path.join(tmp, "store"), tmp, data_path],
+                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(world)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                if q.poll() is None:
+                    q.kill()
+            logs.append(p.communicate()[0] + "\n[timed out]")
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        _worlds[world] = "\n".join(f"--- rank {r} (exit {procs[r].returncode}):\n{logs[r][-3000:]}" for r in failed)
+    else:
+        _worlds[world] = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return _worlds[world]
+
+
+def world_results(world: int, data_path: str):
+    res = run_world(world, data_path)
+    if isinstance(res, str):
+        pytest.fail(f"pipeline workers failed:\n{res}")
+    return res
+
+
+def assert_same_run(pipe: dict, seq: dict) -> None:
+    """Everything learned equals: per-layer histories (exact floats), head, accuracies."""
+    assert len(pipe["layers"]) == len(seq["layers"])
+    for p, s in zip(pipe["layers"], seq["layers"]):
+        for key in s:
+            assert p[key] == s[key], f"{s['name']} {key}: pipeline {p[key]} vs sequential {s[key]}"
+    assert pipe["head"] == seq["head"]
+    assert pipe["test_accuracy"] == seq["test_accuracy"] and pipe["valid_accuracy"] == seq["valid_accuracy"]
+    assert pipe["config"] == seq["config"]
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.parametrize("world,name", [(w, n) for w in sorted(RUNS) for n in RUNS[w]])
+def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
+    results = world_results(world, dataset_path)
+    pipe = results[0]["runs"][name]
+    assert all(r["runs"][name] is None for r in results[1:]), "only rank 0 returns the metrics"
+    cfg = config(**RUNS[world][name])
+    data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
+    seq = train(cfg, progress=False, log=lambda s: None, data=data)
+    assert_same_run(pipe, seq)
+
+    info = pipe["pipeline"]
+    assert info["world_size"] == world and info["process_group_backend"] == "gloo"
+    assert info["layers_per_rank"] == split_layers(cfg.depth, world)
+    assert [r["layers"] for r in info["ranks"]] == info["layers_per_rank"]
+    n_train = len(data.y_train)
+    assert info["train_steps"] == cfg.epochs * len(list(batches(n_train, cfg.batch_size, 0, 0))) > 0
+    assert info["valid_steps"] == cfg.epochs and info["stage1_s"] > 0
+    # Guards against a vacuous comparison: the runs learned and the histories are full.
+    for rec in seq["layers"]:
+        assert len(rec["train_loss"]) == cfg.epochs and len(rec["valid_loss"]) == cfg.epochs
+        assert all(v is not None for v in rec["train_loss"] + rec["valid_loss"])
+        assert rec["train_loss"][0] != rec["train_loss"][1]
+        if cfg.method == "cff":
+            assert all(v is not None for v in rec["train_clipped_fraction"] + rec["valid_clipped_fraction"])
+    assert seq["test_accuracy"] > 0.4  # 4 classes: chance is 0.25
+
+
+def test_the_comparison_can_fail(dataset_path, one_thread):
+    """Another seed gives other histories: equality above is not an accident of the data."""
+    cfg = config(**RUNS[2]["cff-mlp"])
+    data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
+    pipe = world_results(2, dataset_path)[0]["runs"]["cff-mlp"]
+    other = train(config(**{**RUNS[2]["cff-mlp"], "seed": 1}), progress=False, log=lambda s: None, data=data)
+    assert pipe["layers"][0]["train_loss"] != other["layers"][0]["train_loss"]
+
+
+@pytest.mark.parametrize("world", sorted(RUNS))
+def test_refused_on_every_rank(world, dataset_path):
+    for rank, res in enumerate(world_results(world, dataset_path)):
+        errors = res["errors"]
+        assert errors["too_few_layers"] is not None and "at least one layer" in errors["too_few_layers"], rank
+        assert errors["ranks_disagree"] is not None and "seed" in errors["ranks_disagree"], rank
+        assert errors["bp"] is not None and "cannot be pipelined" in errors["bp"], rank
+
+
+def test_single_process_pipeline(dataset_path, one_thread):
+    """Without torchrun, --pipeline runs as a pipeline of one process (no network)."""
+    cfg = config(method="sffa", width=24, depth=2)
+    data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
+    pipe = train_pipeline(cfg, progress=False, log=lambda s: None, data=data)
+    seq = train(cfg, progress=False, log=lambda s: None, data=data)
+    assert_same_run(pipe, seq)
+    assert pipe["pipeline"]["world_size"] == 1 and pipe["pipeline"]["layers_per_rank"] == [[0, 1]]
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the group it made for itself is gone
+
+
+def test_torchrun_end_to_end(dataset_path, tmp_path, one_thread):
+    args = ["--dataset", dataset_path, "--epochs", "2", "--batch-size", "64", "--width", "24", "--layers", "3",
+            "--head-epochs", "2", "--lr", "0.003", "--backend", "reference", "--device", "cpu", "--no-progress"]
+    metrics, plot = tmp_path / "m.json", tmp_path / "p.png"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "ffkern", "train", "--pipeline", *args, "--metrics-out", str(metrics), "--plot", str(plot)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "2 ranks (gloo), layers per rank [[0, 1], [2]]" in proc.stdout and "test accuracy" in proc.stdout
+    pipe = json.loads(metrics.read_text())
+    assert pipe["pipeline"]["world_size"] == 2 and pipe["pipeline"]["layers_per_rank"] == [[0, 1], [2]]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # torchrun sets OMP_NUM_THREADS=1 in its workers; the sequential run gets one thread too.
+    cfg = config(dataset=dataset_path, width=24, depth=3, lr=0.003)
+    seq = json.loads(json.dumps(train(cfg, progress=False, log=lambda s: None,
+                                      data=load_npz(dataset_path, cfg.seed, cfg.valid_fraction))))
+    seq["config"]["threads"] = pipe["config"]["threads"]  # --threads was not given to torchrun's command
+    assert_same_run(pipe, seq)
+
+
+def test_split_layers():
+    assert split_layers(3, 1) == [[0, 1, 2]]
+    assert split_layers(3, 2) == [[0, 1], [2]]
+    assert split_layers(5, 3) == [[0, 1], [2, 3], [4]]
+    assert split_layers(4, 4) == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="only 2 layers"):
+        split_layers(2, 3)
+    with pytest.raises(ValueError, match="world must be an int >= 1"):
+        split_layers(3, 0)
+
+
+def test_check_pipeline_refuses_bp():
+    with pytest.raises(ValueError, match="'bp'.*cannot be pipelined"):
+        check_pipeline(TrainConfig(method="bp").resolved(), 1)
+
+
+def test_message_plan_follows_the_trainer_order():
+    cfg = config(epochs=2, batch_size=50)
+    plan = message_plan(cfg, 120, 30)
+    train_sizes = [len(i) for i in batches(120, 50, 0, 0)]
+    valid_sizes = [len(i) for i in batches(30, valid_batch_size(cfg), 0, 0, shuffle=False)]
+    epoch = [("train", n) for n in train_sizes] + [("valid", n) for n in valid_sizes]
+    assert [(m.split, m.samples) for m in plan] == epoch * 2
+    assert [m.epoch for m in plan] == [0] * len(epoch) + [1] * len(epoch)
+    assert [i for i, m in enumerate(plan) if m.last_of_epoch] == [len(epoch) - 1, 2 * len(epoch) - 1]
+    assert all(not m.last_of_epoch for m in message_plan(cfg, 120, 0) if m.split == "valid")
+
+
+def test_cli_refuses_before_starting(capsys, monkeypatch):
+    assert main(["train", "--pipeline", "--method", "bp", "--no-progress"]) == 2
+    assert "cannot be pipelined" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["train", "--pipeline", "--layers", "3", "--no-progress"]) == 2
+    assert "4 processes but the model has only 3 layers" in capsys.readouterr().err
+
+
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--worker":
+    _, _, rank_arg, world_arg, init_file_arg, out_dir_arg, data_arg = sys.argv
+    _worker(int(rank_arg), int(world_arg), init_file_arg, out_dir_arg, data_arg)
