@@ -43,14 +43,6 @@ def ops():
     return torch.ops.ffkern
 
 
-@pytest.fixture
-def highest_precision():
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(old)
-
-
 def rows(n, d, dtype=torch.float64, classes=4, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     z = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)

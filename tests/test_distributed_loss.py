@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import sys
-import tempfile
 from typing import NamedTuple, Optional
 
 import pytest
@@ -21,6 +19,7 @@ import torch
 
 from ffkern import marginal_supcon_loss
 from ffkern._backend import BACKENDS, BackendUnavailable, resolve
+from spawn_world import spawn_world
 
 WORLD_BATCHES = {2: (3, 5), 3: (2, 4, 3)}  # samples per rank: unequal on purpose
 VIEWS, DIM, CLASSES = 2, 8, 3
@@ -223,33 +222,7 @@ def run_world(world: int):
     """Starts ``world`` worker processes once per test session; returns their saved results."""
     if world in _worlds:
         return _worlds[world]
-    tmp = tempfile.mkdtemp(prefix=f"ffkern-dist{world}-")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    backends = ",".join(_tested_backends())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", str(rank), str(world), os.path.join(tmp, "store"),
-             tmp, backends],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for rank in range(world)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-            logs.append(p.communicate()[0] + "\n[timed out]")
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        _worlds[world] = "\n".join(f"--- rank {r} (exit {procs[r].returncode}):\n{logs[r][-3000:]}" for r in failed)
-    else:
-        _worlds[world] = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    _worlds[world] = spawn_world(__file__, world, [",".join(_tested_backends())], WORKER_TIMEOUT_S, "ffkern-dist")
     return _worlds[world]
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from ffkern.cli import main
 from ffkern.train.data import batches, load_npz
 from ffkern.train.pipeline import check_pipeline, message_plan, split_layers, train_pipeline
 from ffkern.train.trainer import TrainConfig, train, valid_batch_size
+from spawn_world import spawn_world, worker_env
 
 WORKER_TIMEOUT_S = 240
 TINY = dict(epochs=2, batch_size=64, head_epochs=2, backend="reference", device="cpu", threads=1)
@@ -107,39 +107,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, data_path: str)
 _worlds: dict = {}
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    return env
-
-
 def run_world(world: int, data_path: str):
     """Starts ``world`` worker processes once per test session; returns their saved results, or
     a string with the failed workers' output."""
     if world in _worlds:
         return _worlds[world]
-    tmp = tempfile.mkdtemp(prefix=f"ffkern-pipe{world}-")
-    procs = [
-        subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(rank), str(world),
-                          os.path.join(tmp, "store"), tmp, data_path],
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(world)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=WORKER_TIMEOUT_S)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                if q.poll() is None:
-                    q.kill()
-            logs.append(p.communicate()[0] + "\n[timed out]")
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        _worlds[world] = "\n".join(f"--- rank {r} (exit {procs[r].returncode}):\n{logs[r][-3000:]}" for r in failed)
-    else:
-        _worlds[world] = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    _worlds[world] = spawn_world(__file__, world, [data_path], WORKER_TIMEOUT_S, "ffkern-pipe")
     return _worlds[world]
 
 
@@ -226,7 +199,7 @@ def test_torchrun_end_to_end(dataset_path, tmp_path, one_thread):
     metrics, plot = tmp_path / "m.json", tmp_path / "p.png"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "ffkern", "train", "--pipeline", *args, "--metrics-out", str(metrics), "--plot", str(plot)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "2 ranks (gloo), layers per rank [[0, 1], [2]]" in proc.stdout and "test accuracy" in proc.stdout
     pipe = json.loads(metrics.read_text())
