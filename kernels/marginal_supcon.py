@@ -52,20 +52,39 @@ def _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, 
 
 
 @triton.jit
+def _anchor_block(ZR, YR, n_rows, dim, stride_r, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SINGLE_D: tl.constexpr):
+    """This program's BLOCK_M rows: indices (64-bit), mask, labels and, when the feature
+    dimension fits one block, their z (kept for the whole sweep)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    dk = tl.arange(0, BLOCK_D)
+    y = tl.load(YR + rows, mask=rmask, other=0)
+    if SINGLE_D:
+        z = tl.load(ZR + rows[:, None] * stride_r + dk[None, :], mask=rmask[:, None] & (dk[None, :] < dim), other=0.0)
+    else:
+        z = tl.zeros([BLOCK_M, BLOCK_D], ZR.dtype.element_ty)  # unused: loaded chunk by chunk
+    return rows, rmask, dk, y, z
+
+
+@triton.jit
+def _margined_logits(s, rows_global, rmask, y_i, cols, cmask, y_j, inv_tau, margin):
+    """SPEC 1.2 on a tile: valid pairs (j != i, in range), positives M_ij, and
+    l_ij = t_ij / tau with t_ij = min(s_ij + m, 1) for positives, s_ij otherwise."""
+    valid = rmask[:, None] & cmask[None, :] & (rows_global[:, None] != cols[None, :])
+    pos = valid & (y_i[:, None] == y_j[None, :])
+    logits = tl.where(pos, tl.minimum(s + margin, 1.0), s) * inv_tau
+    return valid, pos, logits
+
+
+@triton.jit
 def _supcon_fwd_kernel(ZR, ZC, YR, YC, LOSS, LSE, NPOS, NCLIP,
                        n_rows, n_cols, dim, row_offset, stride_r, stride_c, inv_tau, margin,
                        ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
                        UPCAST: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    dk = tl.arange(0, BLOCK_D)
-    y_i = tl.load(YR + rows, mask=rmask, other=0)
+    rows, rmask, dk, y_i, z_i = _anchor_block(ZR, YR, n_rows, dim, stride_r, BLOCK_M, BLOCK_D, SINGLE_D)
     row_global = rows + row_offset
-    if SINGLE_D:
-        z_i = tl.load(ZR + rows[:, None] * stride_r + dk[None, :], mask=rmask[:, None] & (dk[None, :] < dim), other=0.0)
-    else:
-        z_i = tl.zeros([BLOCK_M, BLOCK_D], ZR.dtype.element_ty)  # unused
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)  # running max of l_ij
     sum_exp = tl.zeros([BLOCK_M], ACC)  # sum_j exp(l_ij - m_i)
@@ -78,9 +97,7 @@ def _supcon_fwd_kernel(ZR, ZC, YR, YC, LOSS, LSE, NPOS, NCLIP,
         s, z_j = _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
                                   ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST)
         y_j = tl.load(YC + cols, mask=cmask, other=0)
-        valid = rmask[:, None] & cmask[None, :] & (row_global[:, None] != cols[None, :])  # j != i
-        pos = valid & (y_i[:, None] == y_j[None, :])  # M_ij
-        logits = tl.where(pos, tl.minimum(s + margin, 1.0), s) * inv_tau  # l_ij = t_ij / tau
+        valid, pos, logits = _margined_logits(s, row_global, rmask, y_i, cols, cmask, y_j, inv_tau, margin)
         logits = tl.where(valid, logits, float("-inf"))
         # online logsumexp; m_safe keeps exp() finite while a row has seen no valid column yet
         m_new = tl.maximum(m_i, tl.max(logits, 1))
@@ -105,18 +122,11 @@ def _supcon_bwd_kernel(ZR, ZC, YR, YC, LSE_R, A_R, B_R, LSE_C, A_C, B_C, DZ,
                        ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
                        UPCAST: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    dk = tl.arange(0, BLOCK_D)
-    y_k = tl.load(YR + rows, mask=rmask, other=0)
+    rows, rmask, dk, y_k, z_k = _anchor_block(ZR, YR, n_rows, dim, stride_r, BLOCK_M, BLOCK_D, SINGLE_D)
     lse_k = tl.load(LSE_R + rows, mask=rmask, other=0.0)
     a_k = tl.load(A_R + rows, mask=rmask, other=0.0)
     b_k = tl.load(B_R + rows, mask=rmask, other=0.0)
     row_global = rows + row_offset
-    if SINGLE_D:
-        z_k = tl.load(ZR + rows[:, None] * stride_r + dk[None, :], mask=rmask[:, None] & (dk[None, :] < dim), other=0.0)
-    else:
-        z_k = tl.zeros([BLOCK_M, BLOCK_D], ZR.dtype.element_ty)  # unused
     dz = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
     for start in range(0, n_cols, BLOCK_N):
@@ -128,9 +138,7 @@ def _supcon_bwd_kernel(ZR, ZC, YR, YC, LSE_R, A_R, B_R, LSE_C, A_C, B_C, DZ,
         lse_j = tl.load(LSE_C + cols, mask=cmask, other=0.0)
         a_j = tl.load(A_C + cols, mask=cmask, other=0.0)
         b_j = tl.load(B_C + cols, mask=cmask, other=0.0)
-        valid = rmask[:, None] & cmask[None, :] & (row_global[:, None] != cols[None, :])
-        pos = valid & (y_k[:, None] == y_j[None, :])
-        logits = tl.where(pos, tl.minimum(s + margin, 1.0), s) * inv_tau
+        valid, pos, logits = _margined_logits(s, row_global, rmask, y_k, cols, cmask, y_j, inv_tau, margin)
         # kappa: a clipped positive (s + m > 1, strictly, as torch.clamp) passes no gradient
         kappa = valid & ~(pos & (s + margin > 1.0))
         # G_kj + G_jk; l_kj = l_jk because s and M are symmetric
