@@ -3,14 +3,14 @@
 A backend is an object with:
   name
   unavailable_reason(device) -> None, or a sentence saying why it cannot run on that device
-  supcon_rows(z, labels, temperature, margin, operand_dtype) -> (L [N], |P(i)| [N], clipped [N]),
-      differentiable in z (z normalized, float32/float64; operand_dtype = the features' dtype,
-      which fused kernels use for their matrix products)
+  supcon_rows(x, labels, temperature, margin, normalize) -> (L [N], |P(i)| [N], clipped [N]),
+      differentiable in the features x [N, D] (their own dtype; normalize: SPEC 1.2 step 1, which
+      a backend may fuse into its kernels, as "triton" does)
   supcon_forward(zr, yr, zc, yc, row_offset, temperature, margin) -> (L [n], lse [n], |P| [n], clipped [n])
       anchors zr (global rows row_offset .. row_offset+n-1) against all rows zc; no autograd
   supcon_backward(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c, temperature, margin)
       -> dL/dzr [n, D] float32/64 by the symmetric pair term of SPEC 1.3 (reference.supcon_backward)
-  The two primitives are what ffkern._supcon_function and the distributed loss are built on.
+  The two primitives take normalized rows; the distributed loss is built on them.
   goodness(h, kind, skip_tokens) -> [B]
   pair_loss(loss, h_pos, h_neg, param, kind, skip_tokens) -> scalar, loss in ("ff", "symba", "sffa")
 Backends are imported lazily: importing ffkern imports neither triton nor a compiled extension.

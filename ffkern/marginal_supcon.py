@@ -4,11 +4,10 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from ._backend import resolve
 from ._checks import REDUCTIONS, Features, check_choice, check_number, flatten_features
-from .reference import compute_dtype
+from .reference import normalize_rows
 
 
 class SupConStats(NamedTuple):
@@ -63,18 +62,15 @@ def marginal_supcon_loss(
     impl = resolve(backend, rows.x.device)
 
     x = rows.x
-    z = x.to(compute_dtype(x.dtype))
-    if normalize:
-        z = F.normalize(z, dim=1, eps=1e-12)  # z_i = x_i / max(||x_i||, 1e-12)
     if group is not None:
         from .distributed import global_supcon_rows
 
         per_anchor, num_pos, num_clipped = global_supcon_rows(
-            z, rows.labels, batch=rows.batch, simclr=labels is None, temperature=temperature, margin=margin,
-            impl=impl, operand_dtype=x.dtype, group=group,
+            normalize_rows(x, normalize), rows.labels, batch=rows.batch, simclr=labels is None,
+            temperature=temperature, margin=margin, impl=impl, operand_dtype=x.dtype, group=group,
         )
     else:
-        per_anchor, num_pos, num_clipped = impl.supcon_rows(z, rows.labels, temperature, margin, operand_dtype=x.dtype)
+        per_anchor, num_pos, num_clipped = impl.supcon_rows(x, rows.labels, temperature, margin, normalize)
     if base_temperature is not None:
         per_anchor = per_anchor * (temperature / base_temperature)
     if reduction == "mean":

@@ -14,6 +14,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def normalize_rows(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """SPEC 1.2 step 1 in the compute dtype: z_i = x_i / max(||x_i||_2, 1e-12) (or x as it is)."""
+    z = x.to(compute_dtype(x.dtype))
+    return F.normalize(z, dim=1, eps=1e-12) if normalize else z
+
+
 def supcon_rows(z: torch.Tensor, labels: torch.Tensor, temperature: float, margin: float):
     """Per-anchor marginal SupCon loss L_i (SPEC 1.2, steps 2-5) on rows z [N, D].
 
@@ -141,8 +147,8 @@ class ReferenceBackend:
     def unavailable_reason(self, device: torch.device):
         return None  # runs everywhere
 
-    def supcon_rows(self, z, labels, temperature, margin, operand_dtype=None):
-        return supcon_rows(z, labels, temperature, margin)
+    def supcon_rows(self, x, labels, temperature, margin, normalize):
+        return supcon_rows(normalize_rows(x, normalize), labels, temperature, margin)
 
     supcon_forward = staticmethod(supcon_forward)
     supcon_backward = staticmethod(supcon_backward)

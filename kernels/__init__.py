@@ -6,8 +6,6 @@ Importing this module imports triton; ffkern itself imports it only when the bac
 """
 from __future__ import annotations
 
-from ffkern._supcon_function import SupConRows
-
 from . import ff_goodness, marginal_supcon
 from ._launch import unavailable_reason
 
@@ -20,8 +18,8 @@ class TritonBackend:
     def unavailable_reason(self, device):
         return unavailable_reason(device)
 
-    def supcon_rows(self, z, labels, temperature, margin, operand_dtype):
-        return SupConRows.apply(z, labels, temperature, margin, self, operand_dtype)
+    def supcon_rows(self, x, labels, temperature, margin, normalize):
+        return marginal_supcon.MarginalSupConRows.apply(x, labels, temperature, margin, normalize)
 
     def goodness(self, h, kind, skip_tokens):
         return ff_goodness.goodness(h, kind, skip_tokens)

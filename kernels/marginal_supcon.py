@@ -11,12 +11,20 @@ Both kernels tile the similarity matrix s = z z^T into [BLOCK_M x BLOCK_N] tiles
 Anchors (rows, "r") are a contiguous slice of all rows ("c") starting at global index row_offset;
 single-process use passes the same tensor for both (row_offset 0), the distributed loss passes
 the local rows against the gathered global batch.
+
+Normalization can be fused (SCALED): the kernels then read the raw features x in their own dtype
+and only the row norms, with z_i = r_i x_i, r_i = 1 / max(||x_i||, eps):
+  s_ij = r_i r_j (x_i . x_j),   dz_k = sum_j (G_kj + G_jk) r_j x_j,
+  dL/dx_k = r_k (dz_k - z_k (z_k . dz_k))    (no projection where ||x_k|| <= eps: there z = x / eps),
+so no normalized copy of the features is stored and dL/dx is written in the input dtype.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ffkern._supcon_function import backward_coefficients
 
 from ._launch import dot_precision, is_interpreter
 
@@ -68,6 +76,12 @@ def _anchor_block(ZR, YR, n_rows, dim, stride_r, BLOCK_M: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
+def _inverse_norm(NORM, idx, mask):
+    """r = 1 / max(||x||, eps) with eps = 1e-12, as F.normalize."""
+    return 1.0 / tl.maximum(tl.load(NORM + idx, mask=mask, other=1.0), 1e-12)
+
+
+@triton.jit
 def _margined_logits(s, rows_global, rmask, y_i, cols, cmask, y_j, inv_tau, margin):
     """SPEC 1.2 on a tile: valid pairs (j != i, in range), positives M_ij, and
     l_ij = t_ij / tau with t_ij = min(s_ij + m, 1) for positives, s_ij otherwise."""
@@ -78,13 +92,15 @@ def _margined_logits(s, rows_global, rmask, y_i, cols, cmask, y_j, inv_tau, marg
 
 
 @triton.jit
-def _supcon_fwd_kernel(ZR, ZC, YR, YC, LOSS, LSE, NPOS, NCLIP,
+def _supcon_fwd_kernel(ZR, ZC, YR, YC, NORM_R, NORM_C, LOSS, LSE, NPOS, NCLIP,
                        n_rows, n_cols, dim, row_offset, stride_r, stride_c, inv_tau, margin,
                        ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       UPCAST: tl.constexpr, SCALED: tl.constexpr):
     rows, rmask, dk, y_i, z_i = _anchor_block(ZR, YR, n_rows, dim, stride_r, BLOCK_M, BLOCK_D, SINGLE_D)
     row_global = rows + row_offset
+    if SCALED:
+        r_i = _inverse_norm(NORM_R, rows, rmask)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)  # running max of l_ij
     sum_exp = tl.zeros([BLOCK_M], ACC)  # sum_j exp(l_ij - m_i)
@@ -96,6 +112,8 @@ def _supcon_fwd_kernel(ZR, ZC, YR, YC, LOSS, LSE, NPOS, NCLIP,
         cmask = cols < n_cols
         s, z_j = _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
                                   ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST)
+        if SCALED:
+            s = s * r_i[:, None] * _inverse_norm(NORM_C, cols, cmask)[None, :]
         y_j = tl.load(YC + cols, mask=cmask, other=0)
         valid, pos, logits = _margined_logits(s, row_global, rmask, y_i, cols, cmask, y_j, inv_tau, margin)
         logits = tl.where(valid, logits, float("-inf"))
@@ -117,16 +135,18 @@ def _supcon_fwd_kernel(ZR, ZC, YR, YC, LOSS, LSE, NPOS, NCLIP,
 
 
 @triton.jit
-def _supcon_bwd_kernel(ZR, ZC, YR, YC, LSE_R, A_R, B_R, LSE_C, A_C, B_C, DZ,
+def _supcon_bwd_kernel(ZR, ZC, YR, YC, NORM_R, NORM_C, LSE_R, A_R, B_R, LSE_C, A_C, B_C, DZ,
                        n_rows, n_cols, dim, row_offset, stride_r, stride_c, stride_dz, inv_tau, margin,
                        ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       UPCAST: tl.constexpr, SCALED: tl.constexpr):
     rows, rmask, dk, y_k, z_k = _anchor_block(ZR, YR, n_rows, dim, stride_r, BLOCK_M, BLOCK_D, SINGLE_D)
     lse_k = tl.load(LSE_R + rows, mask=rmask, other=0.0)
     a_k = tl.load(A_R + rows, mask=rmask, other=0.0)
     b_k = tl.load(B_R + rows, mask=rmask, other=0.0)
     row_global = rows + row_offset
+    if SCALED:
+        r_k = _inverse_norm(NORM_R, rows, rmask)
     dz = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
     for start in range(0, n_cols, BLOCK_N):
@@ -134,6 +154,9 @@ def _supcon_bwd_kernel(ZR, ZC, YR, YC, LSE_R, A_R, B_R, LSE_C, A_C, B_C, DZ,
         cmask = cols < n_cols
         s, z_j = _similarity_tile(z_k, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
                                   ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST)
+        if SCALED:
+            r_j = _inverse_norm(NORM_C, cols, cmask)
+            s = s * r_k[:, None] * r_j[None, :]
         y_j = tl.load(YC + cols, mask=cmask, other=0)
         lse_j = tl.load(LSE_C + cols, mask=cmask, other=0.0)
         a_j = tl.load(A_C + cols, mask=cmask, other=0.0)
@@ -144,7 +167,10 @@ def _supcon_bwd_kernel(ZR, ZC, YR, YC, LSE_R, A_R, B_R, LSE_C, A_C, B_C, DZ,
         # G_kj + G_jk; l_kj = l_jk because s and M are symmetric
         g = a_k[:, None] * tl.exp(logits - lse_k[:, None]) + a_j[None, :] * tl.exp(logits - lse_j[None, :])
         g = g - tl.where(pos, b_k[:, None] + b_j[None, :], 0.0)
-        g = tl.where(kappa, g, 0.0).to(ZC.dtype.element_ty)  # tensor-core operand in the input dtype
+        g = tl.where(kappa, g, 0.0)
+        if SCALED:
+            g = g * r_j[None, :]  # (G_kj + G_jk) z_j = (G_kj + G_jk) r_j x_j
+        g = g.to(ZC.dtype.element_ty)  # tensor-core operand in the input dtype
         if SINGLE_D:
             dz = _dot(g, z_j, dz, PRECISION, UPCAST)
         else:
@@ -158,7 +184,14 @@ def _supcon_bwd_kernel(ZR, ZC, YR, YC, LSE_R, A_R, B_R, LSE_C, A_C, B_C, DZ,
                 prev = tl.load(ptr, mask=rmask[:, None] & dmask, other=0.0)
                 tl.store(ptr, _dot(g, zc, prev, PRECISION, UPCAST), mask=rmask[:, None] & dmask)
     if SINGLE_D:
-        tl.store(DZ + rows[:, None] * stride_dz + dk[None, :], dz, mask=rmask[:, None] & (dk[None, :] < dim))
+        if SCALED:
+            # through the normalization: dL/dx_k = r_k (dz_k - z_k (z_k . dz_k)), written in x's dtype
+            z = z_k.to(ACC) * r_k[:, None]
+            norm_k = tl.load(NORM_R + rows, mask=rmask, other=1.0)
+            along = tl.where(norm_k > 1e-12, tl.sum(z * dz, 1), 0.0)
+            dz = r_k[:, None] * (dz - z * along[:, None])
+        tl.store(DZ + rows[:, None] * stride_dz + dk[None, :], dz.to(DZ.dtype.element_ty),
+                 mask=rmask[:, None] & (dk[None, :] < dim))
 
 
 MAX_SINGLE_D = 256  # up to this feature width a program keeps its rows' z and dz in registers
@@ -185,36 +218,78 @@ def _acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def supcon_forward(zr, yr, zc, yc, row_offset: int, temperature: float, margin: float):
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def supcon_forward(zr, yr, zc, yc, row_offset: int, temperature: float, margin: float, norm_r=None, norm_c=None):
     """Anchors zr [n, D] (global rows row_offset..) against all rows zc [N, D].
-    Returns (L [n], lse [n], |P(i)| [n] int32, clipped [n] int32)."""
+    Returns (L [n], lse [n], |P(i)| [n] int32, clipped [n] int32). With row norms norm_r, norm_c
+    the rows are raw features, normalized on the fly."""
     zr, zc = zr.contiguous(), zc.contiguous()
     n, dim = zr.shape
-    out_dtype = torch.float64 if zr.dtype == torch.float64 else torch.float32
-    loss = torch.empty(n, dtype=out_dtype, device=zr.device)
+    loss = torch.empty(n, dtype=_stat_dtype(zr.dtype), device=zr.device)
     lse = torch.empty_like(loss)
     num_pos = torch.empty(n, dtype=torch.int32, device=zr.device)
     num_clipped = torch.empty_like(num_pos)
+    scaled = norm_r is not None
     cfg, warps = _config(dim, zr.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-    _supcon_fwd_kernel[grid](zr, zc, yr.contiguous(), yc.contiguous(), loss, lse, num_pos, num_clipped,
+    _supcon_fwd_kernel[grid](zr, zc, yr.contiguous(), yc.contiguous(), norm_r if scaled else loss,
+                             norm_c if scaled else loss, loss, lse, num_pos, num_clipped,
                              n, zc.shape[0], dim, row_offset, zr.stride(0), zc.stride(0),
                              1.0 / temperature, margin, ACC=_acc(zr.dtype), PRECISION=dot_precision(zr.dtype),
-                             num_warps=warps, **cfg)
+                             SCALED=scaled, num_warps=warps, **cfg)
     return loss, lse, num_pos, num_clipped
 
 
-def supcon_backward(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c, temperature, margin):
-    """dL/dz of the anchors zr (float32; float64 for float64 inputs), SPEC 1.3."""
+def supcon_backward(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c, temperature, margin,
+                    norm_r=None, norm_c=None):
+    """dL/dz of the anchors zr (float32; float64 for float64 inputs), SPEC 1.3. With row norms,
+    zr/zc are raw features and the result is dL/dx in zr's dtype, through the normalization."""
     zr, zc = zr.contiguous(), zc.contiguous()
     n, dim = zr.shape
-    out_dtype = torch.float64 if zr.dtype == torch.float64 else torch.float32
+    acc_dtype = _stat_dtype(zr.dtype)
+    scaled = norm_r is not None
     cfg, warps = _config(dim, zr.dtype)
-    dz = (torch.empty if cfg["SINGLE_D"] else torch.zeros)((n, dim), dtype=out_dtype, device=zr.device)
+    if cfg["SINGLE_D"]:
+        dz = torch.empty((n, dim), dtype=zr.dtype if scaled else acc_dtype, device=zr.device)
+    else:
+        dz = torch.zeros((n, dim), dtype=acc_dtype, device=zr.device)  # accumulated in place
     grid = (triton.cdiv(n, cfg["BLOCK_M"]),)
-    stats = [t.contiguous().to(out_dtype) for t in (lse_r, a_r, b_r, lse_c, a_c, b_c)]
-    _supcon_bwd_kernel[grid](zr, zc, yr.contiguous(), yc.contiguous(), *stats, dz,
+    stats = [t.contiguous().to(acc_dtype) for t in (lse_r, a_r, b_r, lse_c, a_c, b_c)]
+    _supcon_bwd_kernel[grid](zr, zc, yr.contiguous(), yc.contiguous(), norm_r if scaled else stats[0],
+                             norm_c if scaled else stats[0], *stats, dz,
                              n, zc.shape[0], dim, row_offset, zr.stride(0), zc.stride(0), dz.stride(0),
                              1.0 / temperature, margin, ACC=_acc(zr.dtype), PRECISION=dot_precision(zr.dtype),
-                             num_warps=warps, **cfg)
+                             SCALED=scaled, num_warps=warps, **cfg)
+    if scaled and not cfg["SINGLE_D"]:
+        # wide D: the kernel accumulated dz_k = sum_j (G_kj + G_jk) r_j x_j; project here
+        r = 1.0 / norm_r.clamp(min=1e-12)
+        z = zr.to(acc_dtype) * r[:, None]
+        along = torch.where(norm_r > 1e-12, (z * dz).sum(1), torch.zeros_like(r))
+        dz = (r[:, None] * (dz - z * along[:, None])).to(zr.dtype)
     return dz
+
+
+class MarginalSupConRows(torch.autograd.Function):
+    """(x [N, D], labels [N]) -> per-anchor loss L [N] (and |P(i)|, clipped counts, not
+    differentiable). With normalize, x is normalized inside the kernels: memory beyond the
+    inputs is the per-row statistics (norm, lse, |P|) only; backward recomputes the tiles."""
+
+    @staticmethod
+    def forward(ctx, x, labels, temperature, margin, normalize):
+        x = x.contiguous()
+        norm = torch.linalg.vector_norm(x, dim=1, dtype=_stat_dtype(x.dtype)) if normalize else None
+        loss, lse, num_pos, num_clipped = supcon_forward(x, labels, x, labels, 0, temperature, margin, norm, norm)
+        ctx.save_for_backward(x, labels, lse, num_pos, norm)
+        ctx.temperature, ctx.margin = temperature, margin
+        ctx.mark_non_differentiable(num_pos, num_clipped)
+        return loss, num_pos, num_clipped
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_pos, _grad_clipped):
+        x, labels, lse, num_pos, norm = ctx.saved_tensors
+        a, b = backward_coefficients(grad_loss.to(lse.dtype), num_pos, ctx.temperature)
+        dx = supcon_backward(x, labels, x, labels, 0, lse, a, b, lse, a, b, ctx.temperature, ctx.margin, norm, norm)
+        return dx.to(x.dtype), None, None, None, None

@@ -116,6 +116,25 @@ def test_supcon_gradcheck_float64(backend, device, margin):
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend,device", FAST_BACKEND_CASES)
+def test_supcon_zero_row_follows_the_eps_clamp(backend, device):
+    """A zero feature row: z = x / max(||x||, 1e-12) = 0, and its gradient is dL/dz / 1e-12 with no
+    projection (F.normalize's clamp), whether the backend normalizes in PyTorch or in its kernels."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 2, 7, generator=gen, dtype=torch.float64)
+    x[3, 1] = 0.0
+    x[5, 0] = 1e-13  # below eps too, not exactly zero
+    labels = torch.tensor([0, 1, 0, 1, 2, 0, 1, 2, 0])
+    ref_x, our_x = x.clone().requires_grad_(), x.to(device).requires_grad_()
+    expected = ffkern.marginal_supcon_loss(ref_x, labels, margin=0.4, backend="reference")
+    got = ffkern.marginal_supcon_loss(our_x, labels.to(device), margin=0.4, backend=backend)
+    assert_close(got, expected, torch.float64, "loss")
+    expected.backward()
+    got.backward()
+    assert ref_x.grad.abs().max() > 1e6  # the clamp's 1/eps scale is really exercised
+    torch.testing.assert_close(our_x.grad.cpu(), ref_x.grad, rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("temperature", [0.05, 0.15, 0.5, 1.0])
 @pytest.mark.parametrize("backend,device", FAST_BACKEND_CASES)
 def test_supcon_temperatures(backend, device, temperature):

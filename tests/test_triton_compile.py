@@ -20,4 +20,4 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     report = "\n".join(outputs)
     assert all(p.returncode == 0 for p in procs), report
-    assert report.count("shared") >= 2 * 34, report
+    assert report.count("shared") >= 2 * 42, report  # every configuration of both capabilities

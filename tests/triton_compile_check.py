@@ -38,14 +38,21 @@ def supcon_configs():
         for dim in (128, 256, 512):
             cfg, warps = SC._config(dim, dtype)
             stat = "*fp64" if dtype == torch.float64 else "*fp32"
-            common = dict(YR="*i64", YC="*i64", n_rows="i32", n_cols="i32", dim="i32", row_offset="i64",
-                          stride_r="i32", stride_c="i32", stride_dz="i32", inv_tau="fp32", margin="fp32")
-            consts = dict(cfg, ACC=SC._acc(dtype), PRECISION="tf32" if dtype == torch.float32 else "ieee")
+            common = dict(YR="*i64", YC="*i64", NORM_R=stat, NORM_C=stat, n_rows="i32", n_cols="i32", dim="i32",
+                          row_offset="i64", stride_r="i32", stride_c="i32", stride_dz="i32", inv_tau="fp32",
+                          margin="fp32")
             fwd = dict(common, ZR=PTR[dtype], ZC=PTR[dtype], LOSS=stat, LSE=stat, NPOS="*i32", NCLIP="*i32")
+            # fused normalization writes dL/dx in the input dtype (one feature block) or accumulates fp32
+            dz = PTR[dtype] if cfg["SINGLE_D"] else stat
             bwd = dict(common, ZR=PTR[dtype], ZC=PTR[dtype], LSE_R=stat, A_R=stat, B_R=stat, LSE_C=stat,
-                       A_C=stat, B_C=stat, DZ=stat)
-            yield f"supcon fwd {dtype} D={dim}", SC._supcon_fwd_kernel, fwd, consts, warps
-            yield f"supcon bwd {dtype} D={dim}", SC._supcon_bwd_kernel, bwd, consts, warps
+                       A_C=stat, B_C=stat, DZ=dz)
+            # SCALED (fused normalization) is the public path; unscaled rows are the distributed one
+            for scaled in ((True, False) if dim == 128 else (True,)):
+                consts = dict(cfg, ACC=SC._acc(dtype), PRECISION="tf32" if dtype == torch.float32 else "ieee",
+                              SCALED=scaled)
+                bwd_types = bwd if scaled else dict(bwd, DZ=stat)
+                yield f"supcon fwd {dtype} D={dim} scaled={scaled}", SC._supcon_fwd_kernel, fwd, consts, warps
+                yield f"supcon bwd {dtype} D={dim} scaled={scaled}", SC._supcon_bwd_kernel, bwd_types, consts, warps
 
 
 def ff_configs():

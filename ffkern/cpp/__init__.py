@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..reference import normalize_rows
 from . import build
 
 
@@ -32,9 +33,10 @@ class CppBackend:
                     "CUDA and nvcc is found, and for the just-in-time build a GPU is visible)")
         return None
 
-    def supcon_rows(self, z, labels, temperature, margin, operand_dtype=None):
-        loss, _lse, num_pos, num_clipped = _ops().supcon_rows(z, labels, float(temperature), float(margin),
-                                                              operand_dtype)
+    def supcon_rows(self, x, labels, temperature, margin, normalize):
+        # normalized in PyTorch (fp32); the kernels' products read it rounded to x's dtype
+        z = normalize_rows(x, normalize)
+        loss, _lse, num_pos, num_clipped = _ops().supcon_rows(z, labels, float(temperature), float(margin), x.dtype)
         return loss, num_pos, num_clipped
 
     def supcon_forward(self, zr, yr, zc, yc, row_offset, temperature, margin):
