@@ -6,7 +6,12 @@
 //
 // Math: SPEC.md sections 1 (marginal SupCon) and 2 (FF goodness losses). Row order, statistics and
 // the symmetric pair term are those of ffkern/reference.py's supcon_forward / supcon_backward.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <tuple>
 
 TORCH_LIBRARY(ffkern, m) {
   // Tells torch which Python module registers the fake implementations of these ops.
@@ -47,3 +52,31 @@ TORCH_LIBRARY(ffkern, m) {
       "pair_loss_backward(Tensor grad, Tensor h_pos, Tensor h_neg, str loss, float param, str kind, "
       "int skip_tokens) -> (Tensor, Tensor)");
 }
+
+namespace ffkern {
+namespace {
+
+// supcon_rows is supcon_forward of all rows against all rows, for every device at once (the CPU
+// and CUDA kernels are those of supcon_forward). With operand_dtype float16/bfloat16 a float32 z
+// is rounded to it first, as a kernel reading half-precision features sees it; products still
+// accumulate in fp32. Its autograd formula (ffkern/cpp/ops.py) rounds z the same way.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_rows(const at::Tensor& z, const at::Tensor& labels,
+                                                                       double temperature, double margin,
+                                                                       std::optional<at::ScalarType> operand_dtype) {
+  at::Tensor zq = z;
+  if (operand_dtype.has_value() && (*operand_dtype == at::kHalf || *operand_dtype == at::kBFloat16) &&
+      z.scalar_type() == at::kFloat) {
+    zq = z.detach().to(*operand_dtype);
+  }
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ffkern::supcon_forward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double, double)>();
+  return forward.call(zq, labels, zq, labels, 0, temperature, margin);
+}
+
+}  // namespace
+}  // namespace ffkern
+
+TORCH_LIBRARY_IMPL(ffkern, CompositeExplicitAutograd, m) { m.impl("supcon_rows", &ffkern::supcon_rows); }

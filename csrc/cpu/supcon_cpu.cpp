@@ -201,20 +201,6 @@ at::Tensor supcon_backward(const at::Tensor& zr_in, const at::Tensor& yr_in, con
   return dz;
 }
 
-// All rows against all rows. With operand_dtype float16/bfloat16, z (float32) is rounded to it
-// first, as a kernel reading half-precision features would see it; products accumulate in fp32
-// (supcon_forward upcasts 16-bit rows to float32).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_rows(const at::Tensor& z, const at::Tensor& labels,
-                                                                       double temperature, double margin,
-                                                                       std::optional<at::ScalarType> operand_dtype) {
-  at::Tensor zq = z;
-  if (operand_dtype.has_value() && (*operand_dtype == at::kHalf || *operand_dtype == at::kBFloat16) &&
-      z.scalar_type() == at::kFloat) {
-    zq = z.detach().to(*operand_dtype);
-  }
-  return supcon_forward(zq, labels, zq, labels, 0, temperature, margin);
-}
-
 }  // namespace
 }  // namespace cpu
 }  // namespace ffkern
@@ -222,5 +208,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_rows(const at:
 TORCH_LIBRARY_IMPL(ffkern, CPU, m) {
   m.impl("supcon_forward", &ffkern::cpu::supcon_forward);
   m.impl("supcon_backward", &ffkern::cpu::supcon_backward);
-  m.impl("supcon_rows", &ffkern::cpu::supcon_rows);
 }

@@ -88,19 +88,6 @@ at::Tensor supcon_backward(const at::Tensor& zr_in, const at::Tensor& yr_in, con
   return dz;
 }
 
-// float16/bfloat16 operands go to the kernels as such (tensor cores); the autograd formula in
-// ffkern/cpp/ops.py rounds z the same way for the backward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_rows(const at::Tensor& z, const at::Tensor& y,
-                                                                       double temperature, double margin,
-                                                                       std::optional<at::ScalarType> operand_dtype) {
-  at::Tensor zq = z;
-  if (operand_dtype.has_value() && (*operand_dtype == at::kHalf || *operand_dtype == at::kBFloat16) &&
-      z.scalar_type() == at::kFloat) {
-    zq = z.detach().to(*operand_dtype);
-  }
-  return supcon_forward(zq, y, zq, y, 0, temperature, margin);
-}
-
 at::Tensor goodness(const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_activations("h", h_in, skip_tokens);
@@ -172,7 +159,6 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad, co
 TORCH_LIBRARY_IMPL(ffkern, CUDA, m) {
   m.impl("supcon_forward", &ffkern::cuda_binding::supcon_forward);
   m.impl("supcon_backward", &ffkern::cuda_binding::supcon_backward);
-  m.impl("supcon_rows", &ffkern::cuda_binding::supcon_rows);
   m.impl("goodness", &ffkern::cuda_binding::goodness);
   m.impl("goodness_backward", &ffkern::cuda_binding::goodness_backward);
   m.impl("pair_loss", &ffkern::cuda_binding::pair_loss);
