@@ -39,12 +39,19 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
+def _inverse_norm(NORM, idx, mask):
+    """r = 1 / max(||x||, eps) with eps = 1e-12, as F.normalize."""
+    return 1.0 / tl.maximum(tl.load(NORM + idx, mask=mask, other=1.0), 1e-12)
+
+
+@triton.jit
+def _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk, NORM_C, r_i,
                      ACC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_D: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    """s_ij = z_i . z_j for a tile; returns (s, z_j) (z_j [BLOCK_N, BLOCK_D] is only loaded whole
-    when SINGLE_D: the feature dimension fits one block, so backward can reuse it)."""
+                     UPCAST: tl.constexpr, SCALED: tl.constexpr):
+    """s_ij = z_i . z_j for a tile (SCALED: s_ij = r_i r_j (x_i . x_j)); returns (s, z_j, r_j).
+    z_j [BLOCK_N, BLOCK_D] is only loaded whole when SINGLE_D (the feature dimension fits one
+    block), so backward can reuse it; r_j is 1 unless SCALED."""
     if SINGLE_D:
         z_j = tl.load(ZC + cols[:, None] * stride_c + dk[None, :], mask=cmask[:, None] & (dk[None, :] < dim), other=0.0)
         s = _dot(z_i, tl.trans(z_j), tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION, UPCAST)
@@ -56,7 +63,12 @@ def _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, 
             a = tl.load(ZR + rows[:, None] * stride_r + d[None, :], mask=rmask[:, None] & (d[None, :] < dim), other=0.0)
             b = tl.load(ZC + cols[None, :] * stride_c + d[:, None], mask=cmask[None, :] & (d[:, None] < dim), other=0.0)
             s = _dot(a, b, s, PRECISION, UPCAST)
-    return s, z_j
+    if SCALED:
+        r_j = _inverse_norm(NORM_C, cols, cmask)
+        s = s * r_i[:, None] * r_j[None, :]
+    else:
+        r_j = tl.full([BLOCK_N], 1.0, ACC)  # unused
+    return s, z_j, r_j
 
 
 @triton.jit
@@ -73,12 +85,6 @@ def _anchor_block(ZR, YR, n_rows, dim, stride_r, BLOCK_M: tl.constexpr, BLOCK_D:
     else:
         z = tl.zeros([BLOCK_M, BLOCK_D], ZR.dtype.element_ty)  # unused: loaded chunk by chunk
     return rows, rmask, dk, y, z
-
-
-@triton.jit
-def _inverse_norm(NORM, idx, mask):
-    """r = 1 / max(||x||, eps) with eps = 1e-12, as F.normalize."""
-    return 1.0 / tl.maximum(tl.load(NORM + idx, mask=mask, other=1.0), 1e-12)
 
 
 @triton.jit
@@ -99,8 +105,7 @@ def _supcon_fwd_kernel(ZR, ZC, YR, YC, NORM_R, NORM_C, LOSS, LSE, NPOS, NCLIP,
                        UPCAST: tl.constexpr, SCALED: tl.constexpr):
     rows, rmask, dk, y_i, z_i = _anchor_block(ZR, YR, n_rows, dim, stride_r, BLOCK_M, BLOCK_D, SINGLE_D)
     row_global = rows + row_offset
-    if SCALED:
-        r_i = _inverse_norm(NORM_R, rows, rmask)
+    r_i = _inverse_norm(NORM_R, rows, rmask) if SCALED else tl.full([BLOCK_M], 1.0, ACC)
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)  # running max of l_ij
     sum_exp = tl.zeros([BLOCK_M], ACC)  # sum_j exp(l_ij - m_i)
@@ -110,10 +115,8 @@ def _supcon_fwd_kernel(ZR, ZC, YR, YC, NORM_R, NORM_C, LOSS, LSE, NPOS, NCLIP,
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < n_cols
-        s, z_j = _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
-                                  ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST)
-        if SCALED:
-            s = s * r_i[:, None] * _inverse_norm(NORM_C, cols, cmask)[None, :]
+        s, z_j, r_j = _similarity_tile(z_i, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk, NORM_C,
+                                       r_i, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST, SCALED)
         y_j = tl.load(YC + cols, mask=cmask, other=0)
         valid, pos, logits = _margined_logits(s, row_global, rmask, y_i, cols, cmask, y_j, inv_tau, margin)
         logits = tl.where(valid, logits, float("-inf"))
@@ -145,18 +148,14 @@ def _supcon_bwd_kernel(ZR, ZC, YR, YC, NORM_R, NORM_C, LSE_R, A_R, B_R, LSE_C, A
     a_k = tl.load(A_R + rows, mask=rmask, other=0.0)
     b_k = tl.load(B_R + rows, mask=rmask, other=0.0)
     row_global = rows + row_offset
-    if SCALED:
-        r_k = _inverse_norm(NORM_R, rows, rmask)
+    r_k = _inverse_norm(NORM_R, rows, rmask) if SCALED else tl.full([BLOCK_M], 1.0, ACC)
     dz = tl.zeros([BLOCK_M, BLOCK_D], ACC)
 
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
         cmask = cols < n_cols
-        s, z_j = _similarity_tile(z_k, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk,
-                                  ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST)
-        if SCALED:
-            r_j = _inverse_norm(NORM_C, cols, cmask)
-            s = s * r_k[:, None] * r_j[None, :]
+        s, z_j, r_j = _similarity_tile(z_k, ZC, cols, cmask, rows, rmask, ZR, stride_r, stride_c, dim, dk, NORM_C,
+                                       r_k, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_D, UPCAST, SCALED)
         y_j = tl.load(YC + cols, mask=cmask, other=0)
         lse_j = tl.load(LSE_C + cols, mask=cmask, other=0.0)
         a_j = tl.load(A_C + cols, mask=cmask, other=0.0)
