@@ -7,6 +7,8 @@ D otherwise), then the loss term of the sample and the coefficients c1, c2 of it
 Backward reads the activations once more to rebuild hbar and writes
         dL/dh_{b,t,d} = scale * c_b(d) * hbar_{b,d} / T'   (t >= skip; 0 for skipped tokens),
 T' = T - skip, scale = upstream gradient times the loss's 1/(2B) or 1/B.
+Scalars (1/T', goodness scale, theta or alpha, the SFFA clamp) come from a small tensor in the
+accumulation dtype, so float64 kernels get float64 constants (a Python float is fp32 on a GPU).
 """
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import is_interpreter
+from functools import lru_cache
+
+from ._autodiff import first_order_only
+from ._launch import is_interpreter, launch
 
 GOODNESS, FF, SYMBA, SFFA = 0, 1, 2, 3
 LOSS_IDS = {"ff": FF, "symba": SYMBA, "sffa": SFFA}
@@ -83,9 +88,9 @@ def _sffa_term(e1, e2, NEGATIVE: tl.constexpr, eps):
 
 
 @triton.jit
-def _ff_fwd_kernel(HP, HN, OUT, COEF, B, T, dim, skip, stride_pb, stride_pt, stride_nb, stride_nt,
-                   inv_count, split, gscale, param, eps,
+def _ff_fwd_kernel(HP, HN, OUT, COEF, CONSTS, B, T, dim, skip, stride_pb, stride_pt, stride_nb, stride_nt, split,
                    LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    inv_count, gscale, param, eps = tl.load(CONSTS), tl.load(CONSTS + 1), tl.load(CONSTS + 2), tl.load(CONSTS + 3)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     p1, p2 = _energies(HP, rows, rmask, T, dim, skip, stride_pb, stride_pt, inv_count, split, ACC, BLOCK_B, BLOCK_D)
@@ -120,8 +125,9 @@ def _ff_fwd_kernel(HP, HN, OUT, COEF, B, T, dim, skip, stride_pb, stride_pt, str
 
 
 @triton.jit
-def _ff_bwd_kernel(H, DH, C1, C2, SCALE, B, T, dim, skip, stride_b, stride_t, stride_db, stride_dt,
-                   inv_count, split, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+def _ff_bwd_kernel(H, DH, C1, C2, SCALE, CONSTS, B, T, dim, skip, stride_b, stride_t, stride_db, stride_dt,
+                   split, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    inv_count = tl.load(CONSTS)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     scale = tl.load(SCALE).to(ACC) * inv_count
@@ -143,14 +149,21 @@ def _as_btd(h: torch.Tensor) -> torch.Tensor:
     return h if h.stride(-1) == 1 else h.contiguous()
 
 
-def _blocks(dim: int):
+def _blocks(dim: int, dtype: torch.dtype = torch.float32):
     block_d = min(triton.next_power_of_2(dim), 256 if is_interpreter() else 128)
-    block_b = max(1, (1024 if is_interpreter() else 2048) // block_d)
+    elements = 1024 if is_interpreter() else (1024 if dtype == torch.float64 else 2048)  # fp64: no spills
+    block_b = max(1, elements // block_d)
     return block_b, block_d
 
 
 def _acc_dtypes(dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+@lru_cache(maxsize=256)
+def _consts(inv_count: float, gscale: float, param: float, dtype: torch.dtype, device: torch.device):
+    """[1/T', goodness scale, theta or alpha, SFFA eps] in the accumulation dtype (cached)."""
+    return torch.tensor([inv_count, gscale, param, SFFA_EPS], dtype=dtype, device=device)
 
 
 def _forward(loss_id, h_pos, h_neg, param, kind, skip):
@@ -162,11 +175,11 @@ def _forward(loss_id, h_pos, h_neg, param, kind, skip):
     coef = torch.empty((4, batch) if loss_id != GOODNESS else (1,), dtype=out_dtype, device=hp.device)
     split = dim // 2 if loss_id == SFFA else dim
     gscale = 1.0 / dim if kind == "mean" else 1.0
-    block_b, block_d = _blocks(dim)
-    _ff_fwd_kernel[(triton.cdiv(batch, block_b),)](
-        hp, hn, out, coef, batch, tokens, dim, skip, hp.stride(0), hp.stride(1), hn.stride(0), hn.stride(1),
-        1.0 / (tokens - skip), split, gscale, 0.0 if param is None else float(param), SFFA_EPS,
-        LOSS=loss_id, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
+    block_b, block_d = _blocks(dim, hp.dtype)
+    consts = _consts(1.0 / (tokens - skip), gscale, 0.0 if param is None else float(param), out_dtype, hp.device)
+    launch(_ff_fwd_kernel, (triton.cdiv(batch, block_b),),
+           hp, hn, out, coef, consts, batch, tokens, dim, skip, hp.stride(0), hp.stride(1), hn.stride(0), hn.stride(1),
+           split, LOSS=loss_id, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
     return out, coef, split, gscale
 
 
@@ -174,11 +187,12 @@ def _backward(h, c1, c2, scale, skip, split):
     h3 = _as_btd(h)
     batch, tokens, dim = h3.shape
     dh = torch.empty(h3.shape, dtype=h.dtype, device=h.device)
-    acc, _ = _acc_dtypes(h.dtype)
-    block_b, block_d = _blocks(dim)
-    _ff_bwd_kernel[(triton.cdiv(batch, block_b),)](
-        h3, dh, c1, c2, scale, batch, tokens, dim, skip, h3.stride(0), h3.stride(1), dh.stride(0), dh.stride(1),
-        1.0 / (tokens - skip), split, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
+    acc, acc_torch = _acc_dtypes(h.dtype)
+    block_b, block_d = _blocks(dim, h.dtype)
+    consts = _consts(1.0 / (tokens - skip), 1.0, 0.0, acc_torch, h.device)
+    launch(_ff_bwd_kernel, (triton.cdiv(batch, block_b),),
+           h3, dh, c1, c2, scale, consts, batch, tokens, dim, skip, h3.stride(0), h3.stride(1), dh.stride(0),
+           dh.stride(1), split, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
     return dh.view(h.shape)
 
 
@@ -195,7 +209,7 @@ class Goodness(torch.autograd.Function):
         (h,) = ctx.saved_tensors
         c = (grad_g * (2.0 * ctx.gscale)).contiguous()  # dg/dhbar_d = 2 gscale hbar_d
         one = torch.ones(1, dtype=c.dtype, device=c.device)
-        return _backward(h, c, c, one, ctx.skip, ctx.split), None, None
+        return first_order_only(_backward(h, c, c, one, ctx.skip, ctx.split), "ff_goodness", h), None, None
 
 
 class PairLoss(torch.autograd.Function):
@@ -204,7 +218,7 @@ class PairLoss(torch.autograd.Function):
         terms, coef, split, _ = _forward(LOSS_IDS[loss], h_pos, h_neg, param, kind, skip)
         ctx.norm = 1.0 / terms.shape[0] if loss == "symba" else 0.5 / terms.shape[0]  # mean over B or 2B
         ctx.save_for_backward(h_pos, h_neg, coef)
-        ctx.skip, ctx.split = skip, split
+        ctx.skip, ctx.split, ctx.loss = skip, split, loss
         return terms.sum() * ctx.norm
 
     @staticmethod
@@ -213,7 +227,8 @@ class PairLoss(torch.autograd.Function):
         scale = (grad.to(coef.dtype) * ctx.norm).reshape(1)
         d_pos = _backward(h_pos, coef[0], coef[1], scale, ctx.skip, ctx.split) if ctx.needs_input_grad[0] else None
         d_neg = _backward(h_neg, coef[2], coef[3], scale, ctx.skip, ctx.split) if ctx.needs_input_grad[1] else None
-        return d_pos, d_neg, None, None, None, None
+        function = {"ff": "ff_loss", "symba": "symba_loss", "sffa": "sffa_loss"}[ctx.loss]
+        return first_order_only(d_pos, function, h_pos), first_order_only(d_neg, function, h_neg), None, None, None, None
 
 
 def goodness(h, kind="mean", skip_tokens=0):

@@ -2,8 +2,10 @@
 
 opcheck of every operator, float64 gradcheck of the CPU kernels, the two SupCon primitives against
 ffkern.reference (anchors as a slice of all rows, row_offset != 0, odd N and D, tiles crossed),
-torch.compile(fullgraph=True), bitwise determinism, operator-level argument errors, and the
-build-failure path ("auto" warns once and falls back, backend="cpp" raises with the message).
+torch.compile(fullgraph=True), bitwise determinism, the autodiff modes the ops do not implement
+(double backward, forward mode, torch.func.grad: a clear error) and vmap, operator-level argument
+errors, and the build-failure path ("auto" warns once and falls back, backend="cpp" raises with the
+message; interrupted builds: test_cpp_build.py).
 The shared conformance suite (test_conformance.py) runs the public API on this backend too.
 
 The extension is built once per test session (cached across sessions in torch's extension
@@ -192,6 +194,91 @@ def test_gradcheck_ff_losses(ops, shape, skip):
             lambda a, b: ffkern.symba_loss(a, b, alpha=2.0, kind=kind, skip_tokens=skip, backend="cpp"), (hp, hn))
         torch.autograd.gradcheck(
             lambda a, b: ffkern.sffa_loss(a, b, kind=kind, skip_tokens=skip, backend="cpp"), (hp, hn))
+
+
+# ---- autodiff modes beyond first-order reverse mode -------------------------------------------------
+# Not implemented by the ops: double backward, forward mode (jvp) and torch.func.grad must raise
+# naming ffkern, the backend and the public function, never return a wrong or zero derivative;
+# vmap works (PyTorch's per-sample fallback) and must match a loop.
+
+
+def ad_case(function):
+    """(f(t, backend), t): the public function of one differentiable input, in float64."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 2, 4, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 2, 2])
+    h = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64)
+    other = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64)
+    cases = {
+        "marginal_supcon_loss": (lambda t, b: ffkern.marginal_supcon_loss(t, y, margin=0.4, backend=b), x),
+        "ff_goodness": (lambda t, b: ffkern.ff_goodness(t, skip_tokens=1, backend=b), h),
+        "ff_loss": (lambda t, b: ffkern.ff_loss(t, other, threshold=1.0, skip_tokens=1, backend=b), h),
+        "symba_loss": (lambda t, b: ffkern.symba_loss(other, t, alpha=2.0, backend=b), h),
+        "sffa_loss": (lambda t, b: ffkern.sffa_loss(t, other, kind="sum", backend=b), h),
+    }
+    return cases[function]
+
+
+AD_FUNCTIONS = ["marginal_supcon_loss", "ff_goodness", "ff_loss", "symba_loss", "sffa_loss"]
+
+
+@pytest.mark.parametrize("function", AD_FUNCTIONS)
+def test_double_backward_raises(ops, function):
+    f, t = ad_case(function)
+    t = t.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not torch's generic "autograd kernel was not registered" warning
+        (g,) = torch.autograd.grad(f(t, "cpp").sum(), t, create_graph=True)
+    # the first-order gradient is right, and usable as a value
+    close(g, torch.autograd.grad(f(t, "reference").sum(), t)[0], 1e-10, "gradient under create_graph=True")
+    with pytest.raises(RuntimeError, match=rf"ffkern: backend 'cpp' does not support double backward "
+                                           rf"\(create_graph=True\) of {function} .*use backend='reference'"):
+        g.square().sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["torch.func.jvp", "forward_ad"])
+@pytest.mark.parametrize("function", AD_FUNCTIONS)
+def test_forward_mode_raises(ops, function, mode):
+    import torch.autograd.forward_ad as fwAD
+
+    f, t = ad_case(function)
+    v = torch.ones_like(t)
+    with pytest.raises(RuntimeError, match=rf"ffkern: backend 'cpp' does not support forward-mode AD .* of {function} "
+                                           rf".*use backend='reference'"):
+        if mode == "forward_ad":
+            with fwAD.dual_level():
+                f(fwAD.make_dual(t, v), "cpp")
+        else:
+            torch.func.jvp(lambda u: f(u, "cpp"), (t,), (v,))
+
+
+def test_forward_mode_of_an_unrelated_input_is_not_refused(ops):
+    """The loss does not depend on the variable carrying the tangent: its (zero) share is right."""
+    f, t = ad_case("marginal_supcon_loss")
+    scale = torch.tensor(2.0, dtype=torch.float64)
+    out, tangent = torch.func.jvp(lambda s: s * f(t, "cpp"), (scale,), (torch.ones_like(scale),))
+    close(tangent, f(t, "reference"), 1e-10, "tangent")
+
+
+@pytest.mark.parametrize("function", AD_FUNCTIONS)
+def test_func_grad_raises(ops, function):
+    f, t = ad_case(function)
+    with pytest.raises(RuntimeError, match=rf"ffkern: backend 'cpp' does not support torch.func.grad.* of {function} "
+                                           rf".*torch.autograd.grad"):
+        torch.func.grad(lambda u: f(u, "cpp").sum())(t)
+
+
+@pytest.mark.parametrize("function", AD_FUNCTIONS)
+def test_vmap_matches_a_loop(ops, function):
+    f, t = ad_case(function)
+    batch = torch.stack([t, 0.5 * t + 0.25, -t])
+    close(torch.func.vmap(lambda u: f(u, "cpp"))(batch), torch.stack([f(u, "reference") for u in batch]), 1e-10,
+          "vmap of the loss")
+    # backward (outside the transform) through the vmapped loss
+    leaf = batch.clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(torch.func.vmap(lambda u: f(u, "cpp"))(leaf).sum(), leaf)
+    (expected,) = torch.autograd.grad(sum(f(u, "reference").sum() for u in leaf.unbind(0)), leaf)
+    close(got, expected, 1e-10, "gradient through vmap")
 
 
 # ---- torch.compile, determinism --------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Compiles every Triton kernel configuration the launchers use on a GPU, ahead of time, for
-sm_80 and sm_90, without a GPU (triton.compile down to cubin with the bundled ptxas). This catches
-what the interpreter cannot: GPU-only compile errors and shared memory beyond the device limit.
+sm_80 and sm_90, without a GPU: the real launchers run on CPU tensors under
+ffkern.kernels._launch.record_launches, and each recorded launch is compiled to cubin with the
+exact specialization a GPU launch would get (kernels/_aot.py). This catches what the interpreter
+cannot: GPU-only compile errors, spills, shared memory beyond the device limit.
 
-Run as a script without TRITON_INTERPRET (the test does): prints one line per configuration.
+Run as a script without TRITON_INTERPRET (the test does, under CI's Triton and under the GPU
+machines' pinned Triton): prints one line per configuration, exits 1 if any fails.
 """
 import os
 import sys
@@ -10,79 +13,32 @@ import sys
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET=1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from ffkern.kernels import ff_goodness as FF  # noqa: E402
-from ffkern.kernels import marginal_supcon as SC  # noqa: E402
-
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100)
-PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float64: "*fp64"}
-
-
-def compile_kernel(fn, types, constexprs, num_warps, capability):
-    names = fn.arg_names
-    signature = {}
-    for name in names:
-        signature[name] = "constexpr" if name in constexprs else types[name]
-    const = {(names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=fn, signature=signature, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=num_warps))
-
-
-def supcon_configs():
-    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        for dim in (128, 256, 512):
-            cfg, warps = SC._config(dim, dtype)
-            stat = "*fp64" if dtype == torch.float64 else "*fp32"
-            common = dict(YR="*i64", YC="*i64", NORM_R=stat, NORM_C=stat, n_rows="i32", n_cols="i32", dim="i32",
-                          row_offset="i64", stride_r="i32", stride_c="i32", stride_dz="i32", inv_tau="fp32",
-                          margin="fp32")
-            fwd = dict(common, ZR=PTR[dtype], ZC=PTR[dtype], LOSS=stat, LSE=stat, NPOS="*i32", NCLIP="*i32")
-            # fused normalization writes dL/dx in the input dtype (one feature block) or accumulates fp32
-            dz = PTR[dtype] if cfg["SINGLE_D"] else stat
-            bwd = dict(common, ZR=PTR[dtype], ZC=PTR[dtype], LSE_R=stat, A_R=stat, B_R=stat, LSE_C=stat,
-                       A_C=stat, B_C=stat, DZ=dz)
-            # SCALED (fused normalization) is the public path; unscaled rows are the distributed one
-            for scaled in ((True, False) if dim == 128 else (True,)):
-                consts = dict(cfg, ACC=SC._acc(dtype), PRECISION="tf32" if dtype == torch.float32 else "ieee",
-                              SCALED=scaled)
-                bwd_types = bwd if scaled else dict(bwd, DZ=stat)
-                yield f"supcon fwd {dtype} D={dim} scaled={scaled}", SC._supcon_fwd_kernel, fwd, consts, warps
-                yield f"supcon bwd {dtype} D={dim} scaled={scaled}", SC._supcon_bwd_kernel, bwd_types, consts, warps
-
-
-def ff_configs():
-    for dtype in (torch.float32, torch.bfloat16):
-        block_b, block_d = FF._blocks(256)
-        stat = "*fp32"
-        ints = dict(B="i32", T="i32", dim="i32", skip="i32", stride_pb="i64", stride_pt="i32", stride_nb="i64",
-                    stride_nt="i32", stride_b="i64", stride_t="i32", stride_db="i64", stride_dt="i32")
-        floats = dict(inv_count="fp32", split="i32", gscale="fp32", param="fp32", eps="fp32")
-        for loss in (FF.GOODNESS, FF.FF, FF.SYMBA, FF.SFFA):
-            types = dict(ints, **floats, HP=PTR[dtype], HN=PTR[dtype], OUT=stat, COEF=stat)
-            consts = dict(LOSS=loss, ACC=tl.float32, BLOCK_B=block_b, BLOCK_D=block_d)
-            yield f"ff fwd loss={loss} {dtype}", FF._ff_fwd_kernel, types, consts, 4
-        types = dict(ints, **floats, H=PTR[dtype], DH=PTR[dtype], C1=stat, C2=stat, SCALE=stat)
-        yield f"ff bwd {dtype}", FF._ff_bwd_kernel, types, dict(ACC=tl.float32, BLOCK_B=block_b, BLOCK_D=block_d), 4
+from ffkern.kernels import _aot  # noqa: E402
 
 
 def main(capabilities):
     failures = 0
     for capability in capabilities:
-        for what, fn, types, consts, warps in [*supcon_configs(), *ff_configs()]:
+        for what, launch in _aot.all_launch_cases():
             try:
-                compiled = compile_kernel(fn, types, consts, warps, capability)
-                shared = compiled.metadata.shared
-                ok = shared <= SHARED_LIMIT[capability]
-                print(f"sm_{capability} {what}: shared {shared} B{'' if ok else ' OVER THE LIMIT'}")
-                failures += not ok
+                compiled = _aot.compile_launch(launch, capability)
+                res = _aot.ptxas_resources(compiled, capability)
+                problems = []
+                if res.shared > _aot.SHARED_LIMIT[capability]:
+                    problems.append("SHARED MEMORY OVER THE LIMIT")
+                if res.spill_stores or res.spill_loads:
+                    problems.append("SPILLS")
+                if "float64" in what and "fp32" in _aot.signature_of(launch, capability).values():
+                    problems.append("FP32 SCALAR IN A FLOAT64 KERNEL")
+                print(f"sm_{capability} {what}: regs {res.registers} spill {res.spill_stores}/{res.spill_loads} B "
+                      f"shared {res.shared} B ctas/SM {res.ctas_per_sm} {' '.join(problems) or 'ok'}", flush=True)
+                failures += bool(problems)
             except Exception as exc:  # report every configuration, then fail
-                print(f"sm_{capability} {what}: FAILED {type(exc).__name__}: {exc}")
+                print(f"sm_{capability} {what}: FAILED {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
                 failures += 1
+    print(f"triton {triton.__version__}: {failures} failing configuration(s)")
     return failures
 
 
