@@ -151,7 +151,7 @@ def _as_btd(h: torch.Tensor) -> torch.Tensor:
 
 def _blocks(dim: int, dtype: torch.dtype = torch.float32):
     block_d = min(triton.next_power_of_2(dim), 256 if is_interpreter() else 128)
-    elements = 1024 if is_interpreter() else (1024 if dtype == torch.float64 else 2048)  # fp64: no spills
+    elements = 1024 if is_interpreter() else (512 if dtype == torch.float64 else 2048)  # fp64: no spills
     block_b = max(1, elements // block_d)
     return block_b, block_d
 

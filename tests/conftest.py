@@ -16,9 +16,20 @@ from ffkern import _backend  # noqa: E402
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds even on a GPU (deselect with -m 'not slow')")
+    # pytest-xdist's marker (tests/test_gpu.py keeps its tens-of-GB tests on one worker with
+    # --dist loadgroup); registered here too, so that runs without xdist do not warn about it
+    config.addinivalue_line("markers", "xdist_group(name): run in the same pytest-xdist worker as the group")
+
+
 def backend_cases():
     """(backend, device) pairs: every registered backend on every device it can run on here.
-    A pair that cannot run is kept as a skip whose reason says why, so nothing hides."""
+    A pair that cannot run is kept as a skip whose reason says why, so nothing hides.
+
+    Except cpp on CUDA: where a CUDA device exists, the extension must build with its CUDA
+    kernels, so that pair is never skipped. If it cannot run, the test body's resolve() raises
+    BackendUnavailable with the compiler's message: a failure, not a quiet skip."""
     cases = []
     for name in _backend.BACKENDS:
         for device in DEVICES:
@@ -32,7 +43,8 @@ def backend_cases():
                     reason = _backend._instance(name).unavailable_reason(torch.device(device))
                 except Exception as exc:  # e.g. a compiled backend that failed to build
                     reason = f"{name} failed to load: {exc}"
-            marks = [pytest.mark.skip(reason=f"{name} on {device}: {reason}")] if reason else []
+            must_run = name == "cpp" and device == "cuda"  # "cuda" is in DEVICES only where CUDA is available
+            marks = [pytest.mark.skip(reason=f"{name} on {device}: {reason}")] if reason and not must_run else []
             cases.append(pytest.param(name, device, id=f"{name}-{device}", marks=marks))
     return cases
 

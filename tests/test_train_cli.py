@@ -2,10 +2,12 @@
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ffkern.cli import main
@@ -49,7 +51,225 @@ def test_bad_arguments_exit_with_usage(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "--method", "hebbian"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
-    assert main(["train", "--epochs", "0", "--no-progress"]) == 2
-    assert "error: epochs must be an int >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # checked while parsing now
+        main(["train", "--epochs", "0", "--no-progress"])
+    assert e.value.code == 2 and "argument --epochs: must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["train", "--dataset", "no/such/file.npz", "--no-progress"]) == 2
     assert "dataset file not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- refused before any work
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """A refused run must stop before training: training here fails the test (and, before these
+    checks existed, the error came only after a whole run)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started although the command should have been refused")
+
+    monkeypatch.setattr("ffkern.train.trainer.train", refuse)
+    monkeypatch.setattr("ffkern.train.pipeline.train_pipeline", refuse)
+
+
+def _refused(argv, capsys) -> str:
+    """Runs ``ffkern train ...``; asserts exit status 2 and returns the error line. Errors found
+    while parsing come from argparse (SystemExit, usage first), the others from ffkern/cli.py's
+    UsageError handler (return 2, the line alone); either way the last line is the error."""
+    try:
+        code = main(["train", *TINY, *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("ffkern train: error: "), err
+    return line
+
+
+def _npz(path, n=40, d=16, labels=None, test_labels=None, x=None):
+    g = np.random.default_rng(0)
+    labels = np.arange(n) % 2 if labels is None else labels
+    test_labels = np.arange(6) % 2 if test_labels is None else test_labels
+    np.savez(path, x_train=g.random((len(labels), d)) if x is None else x, y_train=labels,
+             x_test=g.random((len(test_labels), d)) if x is None else x[:len(test_labels)], y_test=test_labels)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["metrics_is_folder", "plot_is_folder", "parent_is_file", "plot_extension",
+                                  "plot_no_extension", "same_file"])
+def test_output_paths_are_checked_before_training(case, tmp_path, capsys, no_training):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    argv, option, says = {
+        "metrics_is_folder": (["--metrics-out", str(tmp_path)], "--metrics-out", "is a folder"),
+        "plot_is_folder": (["--plot", str(tmp_path)], "--plot", "is a folder"),
+        "parent_is_file": (["--metrics-out", str(a_file / "sub" / "m.json")], "--metrics-out", "is not a folder"),
+        "plot_extension": (["--plot", str(tmp_path / "p.xyz")], "--plot", "must end in an extension matplotlib writes"),
+        "plot_no_extension": (["--plot", str(tmp_path / "plot")], "--plot", ".png"),
+        "same_file": (["--metrics-out", str(tmp_path / "o.png"), "--plot", str(tmp_path / "o.png")], "--plot", "same file"),
+    }[case]
+    line = _refused(argv, capsys)
+    assert option in line and says in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # nothing written, no probe left behind
+
+
+def test_unwritable_output_folder_is_refused(tmp_path, capsys, no_training):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writes (the /proc case covers root)")
+        for target in (locked / "m.json", locked / "new" / "m.json"):  # in it, and in a folder to be made in it
+            line = _refused(["--metrics-out", str(target)], capsys)
+            assert "--metrics-out" in line and "cannot" in line
+    finally:
+        locked.chmod(0o700)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_folder_that_refuses_files_even_to_root(capsys, no_training):
+    # /proc passes os.access(W_OK) for root but cannot hold a file: only a real probe sees it.
+    line = _refused(["--metrics-out", "/proc/m.json"], capsys)
+    assert "--metrics-out" in line and "cannot write in /proc" in line
+
+
+def test_metrics_write_is_atomic(tmp_path):
+    from ffkern.train.metrics import write_metrics
+
+    path = tmp_path / "m.json"
+    write_metrics(str(path), {"run": 1})
+    before = path.read_text()
+    with pytest.raises(TypeError):  # json.dump fails half-way through: "run" was already written
+        write_metrics(str(path), {"run": 2, "bad": object()})
+    assert path.read_text() == before and json.loads(before) == {"run": 1}
+    assert os.listdir(tmp_path) == ["m.json"]  # no temporary file left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # a normal file, not mkstemp's private 0600
+
+
+def test_plot_write_is_atomic_under_ctrl_c(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    from matplotlib.figure import Figure
+
+    from ffkern.train.metrics import History, plot_history
+
+    history = History(["layer 0"])
+    history.layers[0].update(train_loss=[1.0, 0.5], valid_loss=[1.1, 0.6])
+    path = tmp_path / "p.png"
+    plot_history(str(path), history)
+    before = path.read_bytes()
+    assert before[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def interrupted(self, fname, **kwargs):  # half a PNG, then Ctrl-C
+        data = b"\x89PNG half"
+        if isinstance(fname, (str, os.PathLike)):
+            Path(fname).write_bytes(data)
+        else:
+            fname.write(data)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        plot_history(str(path), history)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["p.png"]
+
+
+def _small(tmp_path):
+    return _npz(tmp_path / "small.npz", labels=np.array([0, 1, 0]), test_labels=np.array([0, 1]))
+
+
+def _one_class(tmp_path):
+    return _npz(tmp_path / "one.npz", labels=np.zeros(40, int), test_labels=np.zeros(6, int))
+
+
+USER_ERRORS = {  # name: (arguments (a function of tmp_path where a file is needed), words the error line must hold)
+    "valid_split_empty": (lambda t: ["--dataset", _small(t)], ["--dataset", "small.npz", "validation split"]),
+    "ff_one_class": (lambda t: ["--method", "ff", "--dataset", _one_class(t)], ["'ff'", "at least 2 classes", "one.npz"]),
+    "bf16_on_cpu": (["--bf16", "--device", "cpu"], ["--bf16", "GPU"]),
+    "vit_on_vectors": (lambda t: ["--model", "vit", "--dataset", _npz(t / "vec.npz")], ["--model vit", "vectors", "vec.npz"]),
+    "width_heads": (["--model", "vit", "--width", "10", "--heads", "4"], ["--width", "--heads", "divisible"]),
+    "patch_size": (["--model", "vit", "--patch-size", "3"], ["--patch-size", "8x8"]),
+    "threads_zero": (["--threads", "0"], ["--threads", ">= 1"]),
+    "threads_negative": (["--threads", "-2"], ["--threads", ">= 1"]),
+    "lr_nan": (["--lr", "nan"], ["--lr", "> 0"]),
+    "margin_range": (["--m0", "3"], ["--m0", "<= 2"]),
+    "cuda_without_gpu": (["--device", "cuda"], ["--device cuda", "no CUDA device"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_errors_are_one_line(case, tmp_path, capsys, no_training):
+    if case == "cuda_without_gpu" and torch_cuda():
+        pytest.skip("a CUDA device is present")
+    argv, words = USER_ERRORS[case]
+    line = _refused(argv(tmp_path) if callable(argv) else argv, capsys)
+    assert all(w in line for w in words), line
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated", "npy", "pickle", "object_array", "folder"])
+def test_unusable_dataset_file_is_one_line_naming_it(kind, tmp_path, capsys, no_training):
+    path = tmp_path / f"{kind}.npz"
+    good = _npz(tmp_path / "good.npz")
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("x_train,y_train\n1,2\n")
+    elif kind == "truncated":
+        data = Path(good).read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps(Trap(str(tmp_path / "unpickled"))))
+    elif kind == "object_array":
+        np.savez(path, x_train=np.array([Trap(str(tmp_path / "unpickled"))] * 40, dtype=object), y_train=np.arange(40) % 2,
+                 x_test=np.zeros((6, 4)), y_test=np.arange(6) % 2)
+    elif kind == "folder":
+        path.mkdir()
+    line = _refused(["--dataset", str(path)], capsys)
+    assert "--dataset" in line and str(path) in line
+    assert not (tmp_path / "unpickled").exists()  # nothing was ever unpickled
+
+
+class Trap:
+    """Unpickling this creates a file: proof that a loader unpickled it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_huge_label_values_are_remapped_not_allocated(tmp_path, capsys):
+    # Labels 0 and 2**40: used as class indices they sized a head of 2**40 outputs (70 TB).
+    big = 2 ** 40
+    path = _npz(tmp_path / "ids.npz", labels=(np.arange(40) % 2) * big, test_labels=(np.arange(6) % 2) * big)
+    metrics = tmp_path / "m.json"
+    assert main(["train", *TINY, "--dataset", path, "--metrics-out", str(metrics)]) == 0, capsys.readouterr().err
+    assert "2 classes" in capsys.readouterr().out
+    assert 0.0 <= json.loads(metrics.read_text())["test_accuracy"] <= 1.0
+
+
+@pytest.mark.skipif(torch_cuda(), reason="on a GPU the triton backend can run")
+def test_triton_backend_on_cpu_is_one_line(tmp_path):
+    pytest.importorskip("triton", reason="the error is about triton on the CPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for the kernel tests
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "ffkern", "train", *TINY[:-3], "--backend", "triton", "--device", "cpu",
+                           "--no-progress"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ffkern train: error: --backend triton: "), proc.stderr
+    assert "TRITON_INTERPRET" in lines[0] and "test accuracy" not in proc.stdout

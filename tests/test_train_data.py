@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ffkern.train import rng
-from ffkern.train.data import Augment, batches, load_dataset, load_digits, load_npz, make_views
+from ffkern.train.data import Augment, DatasetError, batches, load_dataset, load_digits, load_npz, make_views
 
 pytest.importorskip("sklearn", reason="the digits dataset needs scikit-learn")
 
@@ -116,3 +116,88 @@ def test_augment_arguments():
         Augment(shift=-1)
     with pytest.raises(ValueError, match="noise"):
         Augment(noise=-0.1)
+
+
+def test_labels_of_any_integer_value_are_remapped(tmp_path):
+    # Used as indices, 2**40 would size the head and FF's label embedding to 2**40 classes.
+    g = np.random.default_rng(3)
+    big = 2 ** 40
+    ids = np.array([-1, 7, big])  # negative, sparse and huge: classes 0, 1, 2 in increasing order
+    path = _write(tmp_path / "ids.npz", x_train=g.random((30, 4)), y_train=ids[np.arange(30) % 3],
+                  x_test=g.random((6, 4)), y_test=ids[[2, 1, 0, 2, 1, 0]])
+    d = load_npz(path)
+    assert d.num_classes == 3
+    y = torch.cat([d.y_train, d.y_valid])
+    assert sorted(torch.unique(y).tolist()) == [0, 1, 2] and d.y_test.tolist() == [2, 1, 0, 2, 1, 0]
+    assert len(y) == 30 and all(int((y == c).sum()) == 10 for c in range(3))  # one index per value, none merged
+
+
+def test_labels_that_are_already_classes_keep_their_values(tmp_path):
+    from ffkern.train.data import remap_labels
+
+    y_train, y_test, values = remap_labels(np.array([2, 0, 1, 2]), np.array([1, 0]))
+    assert y_train.tolist() == [2, 0, 1, 2] and y_test.tolist() == [1, 0] and values.tolist() == [0, 1, 2]
+    y_train, y_test, values = remap_labels(np.array([2 ** 40, 5]), np.array([5]))  # a value only in one split still maps
+    assert y_train.tolist() == [1, 0] and y_test.tolist() == [0] and values.tolist() == [5, 2 ** 40]
+
+
+def test_uint64_labels_beyond_int64_are_refused(tmp_path):
+    g = np.random.default_rng(4)
+    y = np.array([0, 2 ** 63 + 5], dtype=np.uint64)[np.arange(20) % 2]
+    path = _write(tmp_path / "u.npz", x_train=g.random((20, 4)), y_train=y, x_test=g.random((2, 4)), y_test=y[:2])
+    with pytest.raises(DatasetError, match=r"u\.npz: y_train has labels above 2\*\*63"):
+        load_npz(path)
+
+
+def test_validation_split_too_small_is_refused(tmp_path):
+    g = np.random.default_rng(5)
+    # 5 samples per class: 10 % of 5 rounds to 0 for every class, so no validation sample at all
+    path = _write(tmp_path / "few.npz", x_train=g.random((10, 4)), y_train=np.arange(10) % 2,
+                  x_test=g.random((2, 4)), y_test=np.arange(2))
+    with pytest.raises(DatasetError, match="few.npz: too few training samples for the validation split.*at least 6"):
+        load_npz(path)
+    path = _write(tmp_path / "enough.npz", x_train=g.random((12, 4)), y_train=np.arange(12) % 2,
+                  x_test=g.random((2, 4)), y_test=np.arange(2))
+    assert len(load_npz(path).y_valid) == 2  # 6 per class: one each
+
+
+def _good_npz(tmp_path, compressed=False):
+    g = np.random.default_rng(6)
+    path = tmp_path / ("c.npz" if compressed else "g.npz")
+    (np.savez_compressed if compressed else np.savez)(path, x_train=g.random((40, 8)), y_train=np.arange(40) % 2,
+                                                      x_test=g.random((6, 8)), y_test=np.arange(6) % 2)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "npy", "pickle", "truncated", "damaged_member", "damaged_compressed",
+                                  "folder"])
+def test_unusable_files_raise_dataset_error_naming_them(kind, tmp_path):
+    path = tmp_path / "bad.npz"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("not numbers")
+    elif kind == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.arange(3))
+    elif kind == "pickle":
+        import pickle
+
+        path.write_bytes(pickle.dumps({"x_train": [1, 2]}))
+    elif kind == "truncated":
+        data = _good_npz(tmp_path).read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif kind in ("damaged_member", "damaged_compressed"):  # the zip directory is intact, an array's bytes are not
+        data = bytearray(_good_npz(tmp_path, compressed=kind == "damaged_compressed").read_bytes())
+        start = data.index(b"x_train.npy") + 200
+        data[start:start + 64] = bytes(64)
+        path.write_bytes(bytes(data))
+    elif kind == "folder":
+        path.mkdir()
+    with pytest.raises(DatasetError, match=str(path).replace(".", r"\.")):
+        load_dataset(str(path))
+
+
+def test_missing_file_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset file not found"):
+        load_dataset(str(tmp_path / "none.npz"))

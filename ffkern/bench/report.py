@@ -209,7 +209,10 @@ def _plots(results: Dict, out_dir: str) -> List[str]:
 
 
 def results_dir(out_root: str, results: Dict) -> str:
-    return os.path.join(out_root, slug(results["meta"]["device"] or results["meta"]["device_type"]), results["meta"]["tag"])
+    from .sweep import check_tag
+
+    tag = check_tag(results["meta"]["tag"])  # never a folder outside out_root
+    return os.path.join(out_root, slug(results["meta"]["device"] or results["meta"]["device_type"]), tag)
 
 
 def write_all(results: Dict, out_root: str, plots: bool = True) -> List[str]:

@@ -13,6 +13,7 @@ Skip rules, each recorded with its reason (nothing is dropped silently):
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -22,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .._cliargs import path_component
 from .ceilings import ceiling_key
 from .e2e import E2EConfig
 from .providers import FF_LOSSES, FUSED, PROVIDERS, TRITON_NEEDS_CUDA
@@ -75,6 +77,8 @@ class SweepConfig:
         for name, values in (("ns", self.ns), ("ds", self.ds), ("ff_sizes", self.ff_sizes)):
             if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 2 for v in values):
                 raise ValueError(f"{name} must be integers >= 2, got {list(values)}")
+        if isinstance(self.ff_d, bool) or not isinstance(self.ff_d, int) or self.ff_d < 1:
+            raise ValueError(f"ff_d (--ff-d) must be an integer >= 1, got {self.ff_d!r}")
         bad = [s for s in self.ff_sizes if s % self.ff_d]
         if bad:
             raise ValueError(f"ff_sizes must be multiples of ff_d={self.ff_d}, got {bad}")
@@ -84,7 +88,26 @@ class SweepConfig:
             raise ValueError(f"fp32_precision must be 'highest', 'high' or 'medium', got {self.fp32_precision!r}")
         if self.max_call_s <= 0 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("max_call_s must be > 0, repeats >= 1 and warmup >= 0")
+        for name in ("rep_ms", "max_mem_gb", "max_total_s", "threads"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.warmup_ms < 0:
+            raise ValueError(f"warmup_ms must be >= 0, got {self.warmup_ms}")
+        check_tag(self.tag)
+        if "e2e" in self.what and self.e2e.width % self.e2e.heads:  # attention splits E into H equal heads
+            raise ValueError(f"the e2e ViT's width (--e2e-width) {self.e2e.width} must be divisible by its heads"
+                             f" (--e2e-heads) {self.e2e.heads}")
         return self
+
+
+def check_tag(tag: str) -> str:
+    """The results go to <out>/<device>/<tag>/: a tag with a separator or '..' would put them
+    elsewhere (the command line refuses it while parsing; this is for the Python API)."""
+    try:
+        return path_component(tag)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"tag (--tag) {exc}") from None
 
 
 def resolve_device(name: str) -> str:
@@ -93,7 +116,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for, but torch sees no CUDA device (use --device cpu)")
+        raise ValueError("device='cuda' (--device cuda) was asked for, but torch sees no CUDA device (use --device cpu)")
     return name
 
 

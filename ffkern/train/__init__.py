@@ -6,7 +6,7 @@ input and per-layer loss), layerwise (the local update rule: ``train_layer_step`
 (stage-2 head, FF prediction), bp (end-to-end baseline), metrics (history, JSON, table, plot),
 trainer (the run), cli (``ffkern train``).
 """
-from .data import Augment, Dataset, load_dataset, load_digits, load_npz, make_views
+from .data import Augment, Dataset, DatasetError, load_dataset, load_digits, load_npz, make_views, remap_labels
 from .layerwise import LocalLayer, StepStats, make_local_layers, run_layers, train_layer_step
 from .methods import FF_FAMILY, METHODS, ContrastiveObjective, GoodnessObjective, LayerBatch, first_batch, make_objective
 from .models import MLPEncoder, ViTEncoder, build_encoder
@@ -14,8 +14,8 @@ from .schedules import SCHEDULES, margin_schedule
 from .trainer import TrainConfig, build_local_layers, build_model, epoch_inputs, train, valid_inputs
 
 __all__ = [
-    "Augment", "ContrastiveObjective", "Dataset", "FF_FAMILY", "GoodnessObjective", "LayerBatch", "LocalLayer",
+    "Augment", "ContrastiveObjective", "Dataset", "DatasetError", "FF_FAMILY", "GoodnessObjective", "LayerBatch", "LocalLayer",
     "METHODS", "MLPEncoder", "SCHEDULES", "StepStats", "TrainConfig", "ViTEncoder", "build_encoder", "first_batch",
     "load_dataset", "load_digits", "load_npz", "make_local_layers", "make_objective", "make_views", "margin_schedule",
-    "run_layers", "train", "train_layer_step", "build_local_layers", "build_model", "epoch_inputs", "valid_inputs",
+    "remap_labels", "run_layers", "train", "train_layer_step", "build_local_layers", "build_model", "epoch_inputs", "valid_inputs",
 ]

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._atomic import atomic_write
 from .layerwise import StepStats
 
 SPLITS = ("train", "valid")
@@ -85,11 +86,52 @@ def _clean(obj):
 
 
 def write_metrics(path: str, metrics: Dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path, "w") as f:
+    """The metrics JSON, written atomically (its folder is created if missing)."""
+
+    def write(f):
         json.dump(_clean(metrics), f, indent=2, allow_nan=False)
         f.write("\n")
+
+    atomic_write(path, write)
+
+
+def plot_format(path: str) -> str:
+    """The file format of a plot path: its extension, which must be one that matplotlib can
+    write here. Checked before training (``ffkern train --plot``), so that a run is not lost at
+    its end; raises ValueError saying why not."""
+    ext = os.path.splitext(path)[1][1:].lower()
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("drawing a plot needs matplotlib: pip install matplotlib (or ffkern[train])") from None
+    matplotlib.use("Agg", force=True)  # files only: never needs a display
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if ext not in formats:
+        raise ValueError(f"{path}: the file name must end in an extension matplotlib writes: {', '.join('.' + f for f in formats)}")
+    problem = _cannot_draw(ext)
+    if problem:
+        raise ValueError(f"{path}: matplotlib cannot write .{ext} files here: {problem}")
+    return ext
+
+
+def _cannot_draw(ext: str) -> Optional[str]:
+    """Draws a tiny figure with text in format ``ext`` into memory: some listed formats need more
+    than matplotlib (.pgf needs a LaTeX install, .avif a Pillow plugin) and fail only then."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(1, 1))
+    try:
+        fig.add_subplot().set_title("probe")
+        fig.savefig(io.BytesIO(), format=ext)
+    except Exception as exc:  # noqa: BLE001 - any failure of this probe means "cannot write"; its message is shown
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        plt.close(fig)
+    return None
 
 
 def _fmt(v, spec=".4f"):
@@ -110,11 +152,10 @@ def format_table(history: History) -> str:
 
 
 def plot_history(path: str, history: History, title: str = "") -> None:
-    """PNG: per-layer loss (train solid, valid dashed) and, where the method has one, the
-    clipped-positive fraction over epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # files only: never needs a display
+    """Per-layer loss (train solid, valid dashed) and, where the method has one, the
+    clipped-positive fraction over epochs, in the format of the path's extension (PNG for .png),
+    written atomically."""
+    fmt = plot_format(path)
     import matplotlib.pyplot as plt
 
     has_clip = any(v is not None for rec in history.layers for v in rec["train_clipped_fraction"])
@@ -143,7 +184,7 @@ def plot_history(path: str, history: History, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100), binary=True)
+    finally:
+        plt.close(fig)

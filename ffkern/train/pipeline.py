@@ -44,8 +44,8 @@ from .layerwise import run_layers
 from .methods import LayerBatch
 from .metrics import History
 from .trainer import (TrainConfig, _progress, apply_device_options, build_augment, build_local_layers, build_model,
-                      epoch_inputs, layer_margins, pick_device, predict, run_metrics, valid_batch_size, valid_inputs,
-                      warn_nonfinite)
+                      check_compatible, epoch_inputs, layer_margins, pick_device, predict, run_metrics, valid_batch_size,
+                      valid_inputs, warn_nonfinite)
 
 MAX_SENDS_IN_FLIGHT = 2  # messages a stage may have sent but not yet seen delivered
 _MAGIC = 0x46464B50  # "FFKP": a header from this protocol, not stray bytes
@@ -282,6 +282,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     backend_name = resolve(cfg.backend, device).name
     data = data if data is not None else load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction)
     _check_same_run(cfg, data, pg)
+    check_compatible(cfg, data)  # after the comparison: every rank has the same data, so all raise alike
     if rank == 0:  # only the first stage reads inputs (and rank 0 evaluates at the end)
         data = data.to(device)
         log(f"ffkern train --pipeline: {cfg.method} on {cfg.model} | {data.summary()} | device {device}, loss backend"

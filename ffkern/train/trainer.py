@@ -105,6 +105,8 @@ class TrainConfig:
         p = filled.patch_size
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
+        if filled.model == "vit" and filled.width % filled.heads:  # attention splits E into H equal heads
+            raise ValueError(f"width (--width) E={filled.width} must be divisible by heads (--heads) H={filled.heads} for the ViT")
         return filled
 
 
@@ -122,8 +124,29 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for, but torch sees no CUDA device (use --device cpu)")
+        raise ValueError("device='cuda' (--device cuda) was asked for, but torch sees no CUDA device (use --device cpu)")
     return torch.device(name)
+
+
+def check_compatible(cfg: TrainConfig, data: Dataset) -> None:
+    """The checks of a (resolved) config that need the data, raised as ValueError before any
+    model is built or step taken (the encoders check the same again for direct callers)."""
+    if cfg.method in FF_FAMILY and data.num_classes < 2:
+        raise ValueError(f"method {cfg.method!r} needs at least 2 classes (its negatives carry a wrong label), but"
+                         f" dataset {data.name} has {data.num_classes}")
+    if cfg.model == "vit":
+        if len(data.sample_shape) != 3:
+            raise ValueError(f"model 'vit' (--model vit) needs image inputs [N, C, H, W] or [N, H, W], but dataset"
+                             f" {data.name} holds vectors of shape {list(data.sample_shape)}; use --model mlp")
+        patch = cfg.patch_size or default_patch(data.sample_shape)
+        h, w = data.sample_shape[1:]
+        if h % patch or w % patch:
+            raise ValueError(f"patch_size (--patch-size) {patch} must divide the image size {h}x{w} of dataset {data.name}")
+    if cfg.model == "mlp" and cfg.method in FF_FAMILY:
+        inputs = math.prod(data.sample_shape)
+        if data.num_classes > inputs:
+            raise ValueError(f"method {cfg.method!r} on the MLP puts the label one-hot in the first inputs, but dataset"
+                             f" {data.name} has {data.num_classes} classes and only {inputs} input values")
 
 
 def _progress(epochs: int, desc: str, enabled: bool):
@@ -209,6 +232,7 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     autocast_dtype = torch.bfloat16 if cfg.bf16 else None
     backend_name = resolve(cfg.backend, device).name
     data = (data if data is not None else load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction)).to(device)
+    check_compatible(cfg, data)
     log(f"ffkern train: {cfg.method} on {cfg.model} | {data.summary()} | device {device}, loss backend {backend_name}")
     encoder = build_model(cfg, data)
     augment = build_augment(cfg, data)
@@ -233,10 +257,15 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     return run_metrics(cfg, data, encoder, augment, history, result, backend_name, device, t0, log)
 
 
-def apply_device_options(cfg: TrainConfig, device: torch.device) -> None:
-    """Checks the options that depend on the device and sets torch's CPU threads."""
+def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
+    """The options that depend on the device (ValueError naming the option)."""
     if cfg.bf16 and device.type != "cuda":
         raise ValueError("bf16=True (--bf16) autocasts on a GPU; on the CPU it is not offered (use --device cuda)")
+
+
+def apply_device_options(cfg: TrainConfig, device: torch.device) -> None:
+    """Checks the options that depend on the device and sets torch's CPU threads."""
+    check_device_options(cfg, device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
 
