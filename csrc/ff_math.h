@@ -37,11 +37,12 @@ FFKERN_HD T sigmoid(T x) {
 }
 
 // An all-zero sample (E0 + E1 = 0, e.g. every unit behind a ReLU is off) has no share to speak
-// of: q = 1/2 there, as ffkern.reference.sffa_q defines it, instead of 0/0.
+// of: q = 1/2 there, as ffkern.reference.sffa_q defines it, instead of 0/0. A NaN or inf
+// activation gives q = NaN (inf / inf): the loss is NaN, never a finite "dead" sample.
 template <typename T>
 FFKERN_HD T sffa_q_clamped(T e0, T e1) {
   const T s = e0 + e1;
-  T q = s > T(0) ? e0 / s : T(0.5);
+  T q = s != T(0) ? e0 / s : T(0.5);
   const T lo = T(kSffaEps), hi = T(1) - T(kSffaEps);
   q = (q < lo) ? lo : q;  // NaN input stays NaN, as torch.clamp leaves it
   return (q > hi) ? hi : q;
@@ -70,7 +71,7 @@ template <typename T>
 FFKERN_HD void sffa_q_grad(T e0, T e1, T dl_dq, T* d0, T* d1) {
   const T s = e0 + e1, q = e0 / s;
   // no gradient where the clamp is active, nor at an all-zero sample (q = 1/2 is a constant there)
-  const bool inside = s > T(0) && q >= T(kSffaEps) && q <= T(1) - T(kSffaEps);
+  const bool inside = s != T(0) && q >= T(kSffaEps) && q <= T(1) - T(kSffaEps);
   const T c = inside ? dl_dq / (s * s) : T(0);
   *d0 = c * e1;   // dq/dE0 = E1 / (E0 + E1)^2
   *d1 = -c * e0;  // dq/dE1 = -E0 / (E0 + E1)^2

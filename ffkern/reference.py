@@ -6,6 +6,8 @@ All arithmetic runs in float32 (float64 inputs stay float64).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -116,7 +118,8 @@ SFFA_EPS = 1e-4
 def sffa_q(h: torch.Tensor, skip_tokens: int = 0) -> torch.Tensor:
     """q = mean(h_P^2) / (mean(h_P^2) + mean(h_N^2)), P the first half of the units, N the second,
     clamped to [1e-4, 1 - 1e-4]. An all-zero sample (both energies 0, e.g. every ReLU unit off)
-    gets q = 1/2 and no gradient, where the ratio would be 0/0 (SPEC 2 leaves it undefined)."""
+    gets q = 1/2 and no gradient, where the ratio would be 0/0 (SPEC 2 leaves it undefined).
+    NaN in, NaN out: a NaN or inf activation makes q, and so the loss, NaN."""
     h = h.to(compute_dtype(h.dtype))
     if h.dim() == 3:
         h = h[:, skip_tokens:, :].mean(1)
@@ -124,7 +127,7 @@ def sffa_q(h: torch.Tensor, skip_tokens: int = 0) -> torch.Tensor:
     m_p = h[:, :half].square().mean(-1)
     m_n = h[:, half:].square().mean(-1)
     total = m_p + m_n
-    alive = total > 0
+    alive = total != 0  # a NaN or inf activation gives q = NaN (inf / inf), never a "dead" sample
     q = torch.where(alive, m_p / torch.where(alive, total, torch.ones_like(total)), torch.full_like(total, 0.5))
     return torch.clamp(q, SFFA_EPS, 1.0 - SFFA_EPS)
 
@@ -141,21 +144,43 @@ def sffa_loss(h_pos, h_neg, kind: str = "mean", skip_tokens: int = 0):
 PAIR_LOSSES = {"ff": ff_loss, "symba": symba_loss, "sffa": sffa_loss}
 
 
+def _no_autocast(fn):
+    """The reference computes in float32 (float64 for float64) as SPEC 1-2 say, also inside a
+    user's torch.autocast region: there z @ z.T would otherwise run in bf16/fp16 and the loss
+    would come back in that dtype. Inputs an autocast region produced in bf16 are upcast by
+    compute_dtype as any bf16 input is."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        devices = {a.device.type for a in args if isinstance(a, torch.Tensor)} or {"cpu"}
+        with contextlib.ExitStack() as stack:
+            for device in devices:
+                if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device_type=device, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 class ReferenceBackend:
     name = "reference"
 
     def unavailable_reason(self, device: torch.device):
         return None  # runs everywhere
 
+    @_no_autocast
     def supcon_rows(self, x, labels, temperature, margin, normalize):
         return supcon_rows(normalize_rows(x, normalize), labels, temperature, margin)
 
-    supcon_forward = staticmethod(supcon_forward)
-    supcon_backward = staticmethod(supcon_backward)
+    supcon_forward = staticmethod(_no_autocast(supcon_forward))
+    supcon_backward = staticmethod(_no_autocast(supcon_backward))
 
+    @_no_autocast
     def goodness(self, h, kind, skip_tokens):
         return goodness(h, kind, skip_tokens)
 
+    @_no_autocast
     def pair_loss(self, loss, h_pos, h_neg, param, kind, skip_tokens):
         if loss == "sffa":
             return sffa_loss(h_pos, h_neg, kind, skip_tokens)

@@ -67,12 +67,14 @@ def _sigmoid(x):
 def _sffa_term(e1, e2, NEGATIVE: tl.constexpr, eps):
     """-log q (positive) or -log(1 - q) (negative), q = e1 / (e1 + e2) clamped to [eps, 1 - eps];
     returns the term and c1, c2 (the clamp passes no gradient outside its range). An all-zero
-    sample (e1 + e2 = 0) has q = 1/2 and no gradient, as ffkern.reference.sffa_q defines."""
+    sample (e1 + e2 = 0) has q = 1/2 and no gradient, as ffkern.reference.sffa_q defines; a NaN
+    or inf activation gives q = NaN (inf / inf), so the loss is NaN, never a finite "dead" sample."""
     total = e1 + e2
-    alive = total > 0.0
+    alive = total != 0.0  # NaN counts as alive: it must reach the loss
     total = tl.where(alive, total, 1.0)
     q_raw = tl.where(alive, e1 / total, 0.5)
-    q = tl.minimum(tl.maximum(q_raw, eps), 1.0 - eps)
+    q = tl.minimum(tl.maximum(q_raw, eps, propagate_nan=tl.PropagateNan.ALL), 1.0 - eps,
+                   propagate_nan=tl.PropagateNan.ALL)
     inside = alive & (q_raw >= eps) & (q_raw <= 1.0 - eps)
     if NEGATIVE:
         term = -tl.log(1.0 - q)
