@@ -73,8 +73,8 @@ def _sffa_term(e1, e2, NEGATIVE: tl.constexpr, eps):
     alive = total != 0.0  # NaN counts as alive: it must reach the loss
     total = tl.where(alive, total, 1.0)
     q_raw = tl.where(alive, e1 / total, 0.5)
-    q = tl.minimum(tl.maximum(q_raw, eps, propagate_nan=tl.PropagateNan.ALL), 1.0 - eps,
-                   propagate_nan=tl.PropagateNan.ALL)
+    q = tl.minimum(tl.maximum(q_raw, eps), 1.0 - eps)
+    q = tl.where(q_raw != q_raw, q_raw, q)  # min/max may drop a NaN on a GPU: keep it
     inside = alive & (q_raw >= eps) & (q_raw <= 1.0 - eps)
     if NEGATIVE:
         term = -tl.log(1.0 - q)
@@ -153,7 +153,7 @@ def _as_btd(h: torch.Tensor) -> torch.Tensor:
 
 def _blocks(dim: int, dtype: torch.dtype = torch.float32):
     block_d = min(triton.next_power_of_2(dim), 256 if is_interpreter() else 128)
-    elements = 1024 if is_interpreter() else (512 if dtype == torch.float64 else 2048)  # fp64: no spills
+    elements = 1024 if is_interpreter() else (512 if dtype == torch.float64 else 1024)  # no spills (sm_90)
     block_b = max(1, elements // block_d)
     return block_b, block_d
 
