@@ -1,21 +1,25 @@
-"""Data: the bundled digits set, user ``.npz`` files, seeded splits, batches and two-view augmentations.
+"""Data: the bundled digits set, user ``.npz`` files, the standard dataset files (datasets.py),
+seeded splits, the label-noise / limited-data protocol, batches; the augmentations are in augment.py.
 
-Everything is a tensor held whole on the training device (digits is 1797 8x8 images; CIFAR-10 as
-float32 is 600 MB), so batches are index selections, with no DataLoader workers.
+Everything is held whole on the training device, so batches are index selections, with no
+DataLoader workers. Images read from 8-bit files stay 8-bit there (``ImageStore``: CIFAR-10 is
+150 MB, not the 600 MB of float32) and are standardized per batch, when a batch is indexed.
 """
 from __future__ import annotations
 
 import os
 import zipfile
 import zlib
-from dataclasses import dataclass, fields
-from typing import Dict, Iterator, Tuple
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .._checks import check_number
 from . import rng
+from .augment import Augment, make_views, parse_randaug  # noqa: F401  (Augment and make_views lived here)
 
 
 class DatasetError(ValueError):
@@ -23,9 +27,106 @@ class DatasetError(ValueError):
     The message starts with the file's path."""
 
 
+class MissingDependency(ImportError):
+    """An optional package a dataset format needs (scipy for SVHN, Pillow for image folders)."""
+
+
+class ImageStore:
+    """8-bit images ``[N, C, H, W]`` kept as uint8 (on the training device), read as standardized
+    float32: ``store[idx]`` converts only the selected rows, ``(pixel / 255 - mean) / std`` per
+    channel. It stands where a float tensor stood (``Dataset.x_train``): shape, len, device,
+    dim(), indexing and .to() behave like the tensor's; anything else (a torch function, another
+    tensor method) is applied to the whole converted tensor, which costs its float32 memory.
+    """
+
+    def __init__(self, raw: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+        if raw.dtype != torch.uint8 or raw.dim() != 4:
+            raise ValueError(f"ImageStore holds uint8 images [N, C, H, W], got {raw.dtype} {list(raw.shape)}")
+        self.raw = raw
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        # (raw / 255 - mean) / std = raw * scale + offset: two in-place passes over a fresh float
+        # batch. Shaped [C, 1, 1], they broadcast over a batch [B, C, H, W] and over one image.
+        self._scale = (1.0 / (255.0 * self.std)).reshape(-1, 1, 1).to(raw.device)
+        self._offset = (-self.mean / self.std).reshape(-1, 1, 1).to(raw.device)
+
+    shape = property(lambda self: self.raw.shape)
+    device = property(lambda self: self.raw.device)
+    dtype = property(lambda self: torch.float32)  # what indexing gives
+    ndim = property(lambda self: 4)
+
+    def dim(self) -> int:
+        return 4
+
+    def size(self, dim: Optional[int] = None):
+        return self.raw.size() if dim is None else self.raw.size(dim)
+
+    def numel(self) -> int:
+        return self.raw.numel()
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, tuple):  # indexing beyond the rows (e.g. a channel): on the converted whole
+            return self.materialize()[idx]
+        return self.raw[idx].to(torch.float32).mul_(self._scale).add_(self._offset)
+
+    def take(self, idx) -> "ImageStore":
+        """The rows ``idx`` as another ImageStore (still uint8, same statistics)."""
+        return ImageStore(self.raw[idx], self.mean, self.std)
+
+    def to(self, device) -> "ImageStore":
+        return ImageStore(self.raw.to(device), self.mean, self.std)
+
+    def materialize(self) -> torch.Tensor:
+        return self[:]
+
+    def abs_max(self) -> float:
+        """max |standardized value| over the store, from the per-channel extremes (no float copy)."""
+        if not len(self.raw):
+            return 0.0
+        scale, offset = self._scale.reshape(-1), self._offset.reshape(-1)
+        lo = self.raw.amin((0, 2, 3)).float() * scale + offset
+        hi = self.raw.amax((0, 2, 3)).float() * scale + offset
+        return float(torch.maximum(lo.abs(), hi.abs()).max())
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def conv(a):
+            if isinstance(a, ImageStore):
+                return a.materialize()
+            if isinstance(a, (list, tuple)):
+                return type(a)(conv(v) for v in a)
+            return a
+        return func(*conv(tuple(args)), **{k: conv(v) for k, v in (kwargs or {}).items()})
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.materialize().cpu().numpy()
+        return out if dtype is None else out.astype(dtype)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # copy/pickle probes and our own attributes: never a whole conversion
+            raise AttributeError(name)
+        return getattr(self.materialize(), name)
+
+    def __repr__(self) -> str:
+        return f"ImageStore(uint8 {list(self.raw.shape)} on {self.raw.device}, standardized per channel)"
+
+
+def input_abs_max(x) -> float:
+    """max |x| of a split's inputs (a tensor or an ImageStore, the latter without a float copy)."""
+    return x.abs_max() if isinstance(x, ImageStore) else float(x.abs().max())
+
+
 @dataclass
 class Dataset:
-    """Standardized float32 inputs (images ``[N, C, H, W]`` or vectors ``[N, D]``), int64 labels."""
+    """Standardized inputs (images ``[N, C, H, W]`` or vectors ``[N, D]``: float32 tensors, or
+    ``ImageStore`` s of uint8 that index to float32), int64 labels.
+
+    ``pixel_mean``/``pixel_std`` (per channel, for pixel values in [0, 1]; None when the scale of
+    the values is unknown, as for a float .npz) let augmentations work on pixels: black padding,
+    RandAugment's colour ops. ``protocol`` records what apply_protocol did (label noise, fraction)."""
 
     name: str
     x_train: torch.Tensor
@@ -35,6 +136,9 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    pixel_mean: Optional[torch.Tensor] = None
+    pixel_std: Optional[torch.Tensor] = None
+    protocol: Dict = field(default_factory=dict)
 
     @property
     def sample_shape(self) -> Tuple[int, ...]:
@@ -47,13 +151,14 @@ class Dataset:
     def to(self, device) -> "Dataset":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for key, value in moved.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, (torch.Tensor, ImageStore)) and not key.startswith("pixel_"):
                 moved[key] = value.to(device)
         return Dataset(**moved)
 
     def summary(self) -> str:
+        stored = ", stored uint8" if isinstance(self.x_train, ImageStore) else ""
         return (f"{self.name}: {len(self.y_train)} train / {len(self.y_valid)} valid / {len(self.y_test)} test,"
-                f" {self.num_classes} classes, sample shape {list(self.sample_shape)}")
+                f" {self.num_classes} classes, sample shape {list(self.sample_shape)}{stored}")
 
 
 def _split_indices(labels: np.ndarray, fraction: float, seed: int, key: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -78,14 +183,54 @@ def _standardize(train: np.ndarray, *others: np.ndarray):
     return [((a - mean) / std).astype(np.float32) for a in (train, *others)]
 
 
-def _make(name, x_train, y_train, x_test, y_test, num_classes, seed, valid_fraction) -> Dataset:
+def _make(name, x_train, y_train, x_test, y_test, num_classes, seed, valid_fraction, pixels=False) -> Dataset:
+    """float inputs; ``pixels``: the values are pixels in [0, 1], so the statistics of the
+    standardization are recorded for the augmentations (digits)."""
     keep, valid = _split_indices(y_train, valid_fraction, seed, 1)
     if len(valid) == 0:
         raise DatasetError(_empty_valid_message(name, y_train, valid_fraction))
     xt, xv, xs = _standardize(x_train[keep], x_train[valid], x_test)
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    stats = {}
+    if pixels and x_train.ndim == 4:  # the same numbers _standardize used
+        part = x_train[keep]
+        stats = dict(pixel_mean=t(part.mean(axis=(0, 2, 3)).astype(np.float32)),
+                     pixel_std=t((part.std(axis=(0, 2, 3)) + 1e-6).astype(np.float32)))
     return Dataset(name, t(xt), t(y_train[keep].astype(np.int64)), t(xv), t(y_train[valid].astype(np.int64)),
-                   t(xs), t(y_test.astype(np.int64)), int(num_classes))
+                   t(xs), t(y_test.astype(np.int64)), int(num_classes), **stats)
+
+
+def _uint8_stats(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of uint8 images [N, C, H, W] as pixels in [0, 1], exactly, from
+    one 256-bin histogram per channel (no float copy of the images)."""
+    values = np.arange(256, dtype=np.float64)
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        counts = np.bincount(x[:, c].reshape(-1), minlength=256).astype(np.float64)
+        m = (counts * values).sum() / counts.sum()
+        mean.append(m / 255.0)
+        std.append(np.sqrt((counts * (values - m) ** 2).sum() / counts.sum()) / 255.0 + 1e-6)
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+def make_uint8_dataset(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                       num_classes: int, seed: int = 0, valid_fraction: float = 0.1) -> Dataset:
+    """A Dataset of uint8 images [N, C, H, W] (kept 8-bit: ImageStore) and labels 0..C-1: the seeded
+    stratified validation split, per-channel statistics of the training part."""
+    if x_train.dtype != np.uint8 or x_test.dtype != np.uint8 or x_train.ndim != 4 or x_test.ndim != 4:
+        raise ValueError(f"{name}: uint8 images [N, C, H, W] expected, got {x_train.dtype} {x_train.shape}"
+                         f" and {x_test.dtype} {x_test.shape}")
+    keep, valid = _split_indices(y_train, valid_fraction, seed, 1)
+    if len(valid) == 0:
+        raise DatasetError(_empty_valid_message(name, y_train, valid_fraction))
+    xt = x_train[keep]
+    mean, std = _uint8_stats(xt)
+    # C order and writable: np.frombuffer's arrays (IDX) are read-only, which torch warns about
+    t = lambda a: torch.from_numpy(np.require(a, requirements=["C", "W"]))  # noqa: E731
+    store = lambda a: ImageStore(t(a), t(mean), t(std))  # noqa: E731
+    return Dataset(name, store(xt), t(y_train[keep].astype(np.int64)), store(x_train[valid]),
+                   t(y_train[valid].astype(np.int64)), store(x_test), t(y_test.astype(np.int64)), int(num_classes),
+                   pixel_mean=t(mean), pixel_std=t(std))
 
 
 def _empty_valid_message(name: str, y_train: np.ndarray, fraction: float) -> str:
@@ -110,23 +255,29 @@ def load_digits(seed: int = 0, valid_fraction: float = 0.1, test_fraction: float
     x = (bunch.images[:, None, :, :] / 16.0).astype(np.float32)  # [N, 1, 8, 8], pixel values 0..16
     y = bunch.target.astype(np.int64)
     train, test = _split_indices(y, test_fraction, seed, 0)
-    return _make("digits", x[train], y[train], x[test], y[test], 10, seed, valid_fraction)
+    return _make("digits", x[train], y[train], x[test], y[test], 10, seed, valid_fraction, pixels=True)
 
 
 def _npz_inputs(name: str, a: np.ndarray, path: str) -> np.ndarray:
+    """Inputs as float32 (uint8 images: as pixels in [0, 1]), images channels-first."""
     if a.dtype.kind not in "uif":
         raise DatasetError(f"{path}: {name} must hold numbers, got dtype {a.dtype}")
-    x = a.astype(np.float32)
+    x = _npz_layout(name, a, path).astype(np.float32)
     if a.dtype == np.uint8:
         x /= 255.0  # 8-bit images
+    if not np.isfinite(x).all():
+        raise DatasetError(f"{path}: {name} contains NaN or infinite values")
+    return x
+
+
+def _npz_layout(name: str, x: np.ndarray, path: str) -> np.ndarray:
+    """[N, H, W] -> [N, 1, H, W], channels-last [N, H, W, C] -> [N, C, H, W]; vectors as they are."""
     if x.ndim == 3:  # [N, H, W]: one channel
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
         x = x.transpose(0, 3, 1, 2)  # channels-last [N, H, W, C], as CIFAR arrays usually come
     elif x.ndim not in (2, 4):
-        raise DatasetError(f"{path}: {name} must be images [N, C, H, W] / [N, H, W] or vectors [N, D], got shape {a.shape}")
-    if not np.isfinite(x).all():
-        raise DatasetError(f"{path}: {name} contains NaN or infinite values")
+        raise DatasetError(f"{path}: {name} must be images [N, C, H, W] / [N, H, W] or vectors [N, D], got shape {x.shape}")
     return x
 
 
@@ -208,8 +359,13 @@ def load_npz(path: str, seed: int = 0, valid_fraction: float = 0.1) -> Dataset:
     DatasetError (a ValueError) naming it; a missing one FileNotFoundError."""
     valid_fraction = check_number("valid_fraction", valid_fraction, low=0.0, high=0.5)
     z = _read_npz(path)
-    x_train = _npz_inputs("x_train", z["x_train"], path)
-    x_test = _npz_inputs("x_test", z["x_test"], path)
+    # 8-bit images (both splits) stay 8-bit on the device: a CIFAR-10 .npz is 150 MB, not 600 MB
+    images8 = all(z[k].dtype == np.uint8 and z[k].ndim in (3, 4) for k in ("x_train", "x_test"))
+    if images8:
+        x_train, x_test = (_npz_layout(k, z[k], path) for k in ("x_train", "x_test"))
+    else:
+        x_train = _npz_inputs("x_train", z["x_train"], path)
+        x_test = _npz_inputs("x_test", z["x_test"], path)
     y_train = _npz_labels("y_train", z["y_train"], len(x_train), path)
     y_test = _npz_labels("y_test", z["y_test"], len(x_test), path)
     if x_train.shape[1:] != x_test.shape[1:]:
@@ -217,18 +373,135 @@ def load_npz(path: str, seed: int = 0, valid_fraction: float = 0.1) -> Dataset:
     if len(x_train) < 2 or len(x_test) < 1:
         raise DatasetError(f"{path}: needs at least 2 training and 1 test samples")
     y_train, y_test, values = remap_labels(y_train, y_test)
+    if images8:
+        return make_uint8_dataset(os.path.basename(path), x_train, y_train, x_test, y_test, len(values), seed,
+                                  valid_fraction)
     return _make(os.path.basename(path), x_train, y_train, x_test, y_test, len(values), seed, valid_fraction)
 
 
-def load_dataset(spec: str, seed: int = 0, valid_fraction: float = 0.1) -> Dataset:
-    """``"digits"`` or the path of a ``.npz`` file."""
+# Named datasets read from the publishers' files in --data-dir (datasets.py).
+NAMED_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "folder")
+
+
+def load_dataset(spec: str, seed: int = 0, valid_fraction: float = 0.1, data_dir: Optional[str] = None) -> Dataset:
+    """``"digits"``, the path of a ``.npz`` file, or a name of NAMED_DATASETS with ``data_dir``, the
+    folder that holds that dataset's files as published (see datasets.py and the README)."""
     if not isinstance(spec, str):
-        raise TypeError(f"dataset must be 'digits' or a path to a .npz file, got {type(spec).__name__}")
+        raise TypeError(f"dataset must be 'digits', a path to a .npz file or one of {list(NAMED_DATASETS)},"
+                        f" got {type(spec).__name__}")
+    if spec in NAMED_DATASETS:
+        if data_dir is None:
+            raise ValueError(f"dataset {spec!r} is read from its published files: give the folder that holds them"
+                             " (--data-dir DIR, data_dir=...)")
+        from . import datasets
+
+        valid_fraction = check_number("valid_fraction", valid_fraction, low=0.0, high=0.5)
+        return datasets.load_named(spec, data_dir, seed=seed, valid_fraction=valid_fraction)
+    if data_dir is not None:
+        raise ValueError(f"data_dir (--data-dir) is for the named datasets {list(NAMED_DATASETS)}; dataset {spec!r}"
+                         " does not read it")
     if spec == "digits":
         return load_digits(seed, valid_fraction)
     if spec.endswith(".npz"):
         return load_npz(spec, seed, valid_fraction)
-    raise ValueError(f"dataset must be 'digits' or a path ending in .npz, got {spec!r}")
+    raise ValueError(f"dataset must be 'digits', a path ending in .npz, or one of {list(NAMED_DATASETS)} (with a data"
+                     f" folder), got {spec!r}")
+
+
+# ---------------------------------------------------------------- protocol: limited data, label noise
+_FRACTION_KEY, _NOISE_KEY = 101, 102  # stream keys of the subset and the noise (the splits use 0 and 1)
+
+
+def _rows(x, idx: torch.Tensor):
+    return x.take(idx) if isinstance(x, ImageStore) else x[idx.to(x.device)]
+
+
+def apply_protocol(data: Dataset, *, seed: int, label_noise: float = 0.0, train_fraction: float = 1.0) -> Dataset:
+    """CFF's Table 4 settings, on the training split only (validation and test stay as they are):
+    ``train_fraction`` keeps a seeded stratified subset (round(F * count) of each class, at least
+    one), then ``label_noise`` gives exactly round(P * n) seeded samples a uniformly random other
+    class (symmetric noise). Idempotent: a dataset that already carries this protocol is returned
+    as it is (the CLI applies it once, before training starts)."""
+    label_noise = check_number("label_noise", label_noise, low=0.0, high=1.0)
+    train_fraction = check_number("train_fraction", train_fraction, low=0.0, high=1.0, low_open=True)
+    wanted = {"label_noise": label_noise, "train_fraction": train_fraction}
+    done = {k: data.protocol[k] for k in wanted if k in data.protocol}
+    if done:
+        if done == wanted:
+            return data
+        raise ValueError(f"dataset {data.name} already has the protocol {done} applied; asked for {wanted}")
+    if label_noise == 0.0 and train_fraction == 1.0:
+        return data
+    x, y = data.x_train, data.y_train
+    labels = y.cpu().numpy()
+    record = dict(wanted, num_train_full=len(labels))
+    if train_fraction < 1.0:
+        gen = np.random.default_rng(rng.stream_seed(seed, _FRACTION_KEY))
+        kept = []
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            gen.shuffle(idx)
+            kept.append(idx[:max(1, int(round(train_fraction * len(idx))))])
+        keep = torch.from_numpy(np.sort(np.concatenate(kept)))
+        x, labels = _rows(x, keep), labels[keep.numpy()]
+    noisy = np.zeros(len(labels), bool)
+    if label_noise > 0.0:
+        if data.num_classes < 2:
+            raise ValueError(f"label_noise (--label-noise) needs at least 2 classes, dataset {data.name} has {data.num_classes}")
+        gen = np.random.default_rng(rng.stream_seed(seed, _NOISE_KEY))
+        chosen = gen.permutation(len(labels))[:int(round(label_noise * len(labels)))]
+        labels = labels.copy()
+        # a uniformly random class other than the true one: true + 1..C-1 (mod C)
+        labels[chosen] = (labels[chosen] + gen.integers(1, data.num_classes, len(chosen))) % data.num_classes
+        noisy[chosen] = True
+    record.update(num_train=len(labels), noisy_train_labels=int(noisy.sum()))
+    return dataclasses.replace(data, x_train=x, y_train=torch.from_numpy(labels.astype(np.int64)).to(y.device),
+                               protocol=record)
+
+
+def check_data_config(cfg):
+    """Checks and fills a TrainConfig's data, augmentation and protocol options (ValueError naming
+    the option) and returns the config: ``shift`` is the older name of ``crop_pad`` (both are
+    set to the one given), ``randaug`` becomes an (N, M) pair."""
+    crop, shift = cfg.crop_pad, cfg.shift
+    if crop is not None and shift is not None and crop != shift:
+        raise ValueError(f"crop_pad (--crop-pad) {crop} and its older name shift (--shift) {shift} disagree; give one")
+    crop = crop if crop is not None else shift
+    if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 0):
+        raise ValueError(f"crop_pad (--crop-pad) must be an int >= 0, got {crop!r}")
+    if cfg.flip is not None and not isinstance(cfg.flip, bool):
+        raise ValueError(f"flip (--flip/--no-flip) must be True, False or None (by the data), got {cfg.flip!r}")
+    check_number("rotate (--rotate)", cfg.rotate, low=0.0, high=180.0)
+    try:
+        randaug = parse_randaug(cfg.randaug)
+    except ValueError as exc:
+        raise ValueError(f"--randaug: {exc}") from None
+    check_number("label_noise (--label-noise)", cfg.label_noise, low=0.0, high=1.0)
+    check_number("train_fraction (--train-fraction)", cfg.train_fraction, low=0.0, high=1.0, low_open=True)
+    k = cfg.topk
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"topk (--topk) must be an int >= 1, got {k!r}")
+    if cfg.data_dir is not None and not isinstance(cfg.data_dir, (str, os.PathLike)):
+        raise TypeError(f"data_dir (--data-dir) must be a path, got {type(cfg.data_dir).__name__}")
+    if cfg.data_dir is not None and cfg.dataset not in NAMED_DATASETS:
+        raise ValueError(f"data_dir (--data-dir) is for the named datasets {list(NAMED_DATASETS)}, not for"
+                         f" dataset {cfg.dataset!r}")
+    if cfg.data_dir is None and cfg.dataset in NAMED_DATASETS:
+        raise ValueError(f"dataset {cfg.dataset!r} (--dataset) is read from its published files: give their folder"
+                         " with --data-dir DIR")
+    data_dir = os.fspath(cfg.data_dir) if cfg.data_dir is not None else None
+    return dataclasses.replace(cfg, crop_pad=crop, shift=crop, randaug=randaug, data_dir=data_dir)
+
+
+def dataset_for(cfg, data: Optional[Dataset] = None) -> Dataset:
+    """The dataset of a resolved TrainConfig: ``data`` if given (else loaded from cfg.dataset /
+    cfg.data_dir), with the config's protocol applied, checked against --topk."""
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction, data_dir=cfg.data_dir)
+    data = apply_protocol(data, seed=cfg.seed, label_noise=cfg.label_noise, train_fraction=cfg.train_fraction)
+    if cfg.topk is not None and cfg.topk > data.num_classes:
+        raise ValueError(f"topk (--topk) {cfg.topk} is more than the {data.num_classes} classes of dataset {data.name}")
+    return data
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> Iterator[torch.Tensor]:
@@ -236,43 +509,3 @@ def batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
     order = torch.randperm(n, generator=rng.generator(seed, rng.SHUFFLE, epoch)) if shuffle else torch.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
-
-
-@dataclass
-class Augment:
-    """Random shift (a crop of the zero-padded image at a random offset, up to ``shift`` pixels
-    each way; images only) and additive Gaussian noise of std ``noise``, per sample."""
-
-    shift: int = 1
-    noise: float = 0.1
-
-    def __post_init__(self):
-        if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
-            raise ValueError(f"shift must be an int >= 0, got {self.shift!r}")
-        self.noise = check_number("noise", self.noise, low=0.0)
-
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if x.dim() == 4 and self.shift > 0:
-            x = self._shift(x, gen)
-        if self.noise > 0:
-            x = x + self.noise * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-        return x
-
-    def _shift(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        b, c, h, w = x.shape
-        p = self.shift
-        padded = torch.nn.functional.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=x.device)
-        dx = torch.randint(0, 2 * p + 1, (b,), generator=gen, device=x.device)
-        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [B, 1, H, 1]
-        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [B, 1, 1, W]
-        bi = torch.arange(b, device=x.device)[:, None, None, None]
-        ci = torch.arange(c, device=x.device)[None, :, None, None]
-        return padded[bi, ci, rows, cols]
-
-
-def make_views(x: torch.Tensor, num_views: int, augment: Augment, gen: torch.Generator) -> torch.Tensor:
-    """``num_views`` independent augmentations of the batch, concatenated view-major ``[V*B, ...]``
-    (row v*B + b is view v of sample b: the layout ffkern's losses take), so that a layer runs
-    once on all views instead of once per view."""
-    return torch.cat([augment(x, gen) for _ in range(num_views)], 0)
