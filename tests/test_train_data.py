@@ -28,6 +28,14 @@ def test_digits_split(digits):
     assert digits.x_train.dtype == torch.float32 and digits.y_train.dtype == torch.int64
 
 
+def test_digits_pixel_statistics(digits):
+    # the augmentations pad with black and RandAugment works on pixels: both need the statistics
+    # the standardization used; a black pixel is the digits' background, their smallest value
+    assert digits.pixel_mean.shape == (1,) and digits.pixel_std.shape == (1,)
+    black = float(-digits.pixel_mean[0] / digits.pixel_std[0])
+    assert float(digits.x_train.min()) == pytest.approx(black, abs=1e-5)
+
+
 def test_digits_split_is_seeded(digits):
     again = load_digits(seed=0)
     other = load_digits(seed=1)
