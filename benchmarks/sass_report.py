@@ -63,13 +63,83 @@ def triton_rows(sass_dir: Path | None):
     return rows
 
 
-def cuda_rows(sass_dir: Path | None):
-    """nvcc 13.0 for sm_90a: ptxas -v per kernel, and the SASS pipe mix of each kernel's hottest loop."""
+# Tile loop of the C++/CUDA SupCon kernels: (threads, pairs per trip) by kernel and input type.
+# The mma kernels' interior tile loop has no inner loop when whole rows are resident (D <= 128).
+CUDA_TILES = {"supcon_forward_mma": (128, 64 * 64), "supcon_backward_mma": (128, 64 * 64),
+              "supcon_forward_simt": (128, 64 * 64)}
+CUDA_TILES_FP64 = {"supcon_forward_simt": (128, 32 * 32)}
+
+
+def _demangle(names):
+    """Readable kernel names (template arguments kept, namespaces and parameter lists dropped)."""
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+        pretty = out.strip().splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return {n: n for n in names}
+    result = {}
+    for raw, nice in zip(names, pretty):
+        nice = re.sub(r"^void ", "", nice).replace("ffkern::cuda::(anonymous namespace)::", "")
+        depth, cut = 0, len(nice)
+        for i, ch in enumerate(nice):  # drop the parameter list: the first '(' outside <...>
+            depth += ch == "<"
+            depth -= ch == ">"
+            if ch == "(" and depth == 0:
+                cut = i
+                break
+        result[raw] = nice[:cut]
+    return result
+
+
+def _ctas_per_sm(registers: int, shared: int, threads: int) -> int:
+    from ffkern.kernels import _aot
+
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    warps = threads // 32
+    by_regs = (_aot.REGISTERS_PER_SM // per_warp) // warps
+    by_threads = _aot.MAX_THREADS_PER_SM[CAPABILITY] // threads
+    by_shared = _aot.SHARED_PER_SM[CAPABILITY] // (shared + 1024) if shared else 32
+    return min(by_regs, by_threads, by_shared, 32)
+
+
+def _cuda_hot_loop(instructions, labels, base: str, fp64: bool):
+    """The interior tile loop (the smallest loop with MUFU.EX2) of the SupCon kernels, per pair;
+    for the other kernels the largest innermost loop, per trip."""
+    from ffkern.kernels import _aot
+
+    loops = _aot.loops(instructions, labels)
+    if not loops:
+        return None
+    tiles = (CUDA_TILES_FP64 if fp64 else {}).get(base) or CUDA_TILES.get(base)
+    if tiles:
+        with_exp = [lp for lp in loops if any(op.startswith("MUFU.EX2") for _, op, _ in instructions[lp[0]:lp[1] + 1])]
+        if with_exp:
+            first, last = min(with_exp, key=lambda lp: lp[1] - lp[0])
+            nested = any(o != (first, last) and first <= o[0] and o[1] <= last for o in loops)
+            body = instructions[first:last + 1]
+            mix = {}
+            for _, op, _ in body:
+                mix[_aot.pipe_of(op)] = mix.get(_aot.pipe_of(op), 0) + 1
+            threads, pairs = tiles
+            scale = threads / pairs
+            return "hot_loop", dict(instructions=len(body), nested=nested, per_pair=round(len(body) * scale, 2),
+                                    by_pipe={k: round(v * scale, 2) for k, v in sorted(mix.items())})
+    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    first, last = max(inner, key=lambda lp: lp[1] - lp[0])
+    mix = {}
+    for _, op, _ in instructions[first:last + 1]:
+        mix[_aot.pipe_of(op)] = mix.get(_aot.pipe_of(op), 0) + 1
+    return "innermost_loop", dict(instructions=last - first + 1, by_pipe=dict(sorted(mix.items())))
+
+
+def cuda_rows(sass_dir: Path | None, source_dir: Path | None = None):
+    """nvcc 13.0 for sm_90a: ptxas -v per kernel, CTAs per SM, and the SASS pipe mix of each
+    kernel's hot loop (the SupCon kernels: per pair of the interior tile loop)."""
     from ffkern.kernels import _aot
 
     nvcc = os.environ.get("NVCC", "nvcc")
     rows = []
-    for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+    for source in sorted((source_dir or ROOT / "csrc" / "cuda").glob("*.cu")):
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / "k.cubin"
             cmd = [nvcc, "-cubin", "-std=c++17", "-O3", "-arch=sm_90a", "-Xptxas", "-v",
@@ -92,28 +162,32 @@ def cuda_rows(sass_dir: Path | None):
             m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
             if m and current:
                 usage[current].update(spill_stores=int(m.group(1)), spill_loads=int(m.group(2)))
-            m = re.search(r"Used (\d+) registers.*?(?:(\d+) bytes smem)?", line)
+            m = re.search(r"Used (\d+) registers", line)
             if m and current:
                 usage[current]["registers"] = int(m.group(1))
                 smem = re.search(r"(\d+) bytes smem", line)
                 usage[current]["shared"] = int(smem.group(1)) if smem else 0
-        functions = re.split(r"\n\s+Function : ", sass)
-        for chunk in functions[1:]:
-            name = chunk.split("\n", 1)[0].strip()
+        chunks = re.split(r"\n\s+Function : ", sass)[1:]
+        names = [chunk.split("\n", 1)[0].strip() for chunk in chunks]
+        pretty = _demangle(names)
+        found = []
+        for name, chunk in zip(names, chunks):
             instructions, labels = _aot.parse_sass(chunk)
-            loops = _aot.loops(instructions, labels)
-            hot = None
-            if loops:  # the largest innermost loop: where these kernels spend their pair work
-                inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
-                first, last = max(inner, key=lambda lp: lp[1] - lp[0])
-                mix = {}
-                for _, op, _ in instructions[first:last + 1]:
-                    mix[_aot.pipe_of(op)] = mix.get(_aot.pipe_of(op), 0) + 1
-                hot = dict(instructions=last - first + 1, by_pipe=dict(sorted(mix.items())))
-            rows.append(dict(kernel=f"{source.name}:{name}", **usage.get(name, {}), innermost_loop=hot))
+            nice = pretty.get(name, name)
+            base = nice.split("<", 1)[0]
+            row = dict(kernel=f"{source.name}:{nice}", **usage.get(name, {}))
+            threads = 512 if base == "bwd_params_kernel" else (128 if base.startswith("supcon") else 256)
+            if "registers" in row:
+                row["threads"] = threads
+                row["ctas_per_sm"] = _ctas_per_sm(row["registers"], row.get("shared", 0), threads)
+            hot = _cuda_hot_loop(instructions, labels, base, "<double" in nice)
+            if hot is not None:
+                row[hot[0]] = hot[1]
+            found.append(row)
             if sass_dir is not None:
                 sass_dir.mkdir(parents=True, exist_ok=True)
-                (sass_dir / f"cuda_{name[:80]}.sass").write_text(chunk)
+                (sass_dir / ("cuda_" + re.sub(r"[^A-Za-z0-9=.]+", "_", nice)[:80] + ".sass")).write_text(chunk)
+        rows.extend(sorted(found, key=lambda r: r["kernel"]))
     return rows
 
 
@@ -163,6 +237,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=None, help="folder for report.txt and report.json")
     parser.add_argument("--sass-dir", type=Path, default=None, help="also write each kernel's SASS here")
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    parser.add_argument("--cuda-only", action="store_true",
+                        help="only the nvcc part, printed (report files untouched): for iterating on csrc/cuda")
+    parser.add_argument("--cuda-source", type=Path, default=None,
+                        help="with --cuda-only: the folder of .cu files to compile (default csrc/cuda)")
     args = parser.parse_args(argv)
     if not _in_pinned_env():  # re-run under the GPU machines' Triton
         python = gpu_toolchain.ensure_env()
@@ -171,6 +249,9 @@ def main(argv=None):
     import torch
     import triton
 
+    if args.cuda_only:
+        print(format_table(cuda_rows(args.sass_dir, args.cuda_source)))
+        return 0
     rows = triton_rows(args.sass_dir)
     cuda = [] if args.no_cuda else cuda_rows(args.sass_dir)
     nvcc_version = "" if args.no_cuda else subprocess.run(["nvcc", "--version"], capture_output=True,

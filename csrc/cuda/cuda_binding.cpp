@@ -80,10 +80,11 @@ at::Tensor supcon_backward(const at::Tensor& zr_in, const at::Tensor& yr_in, con
   const at::Tensor lr = stat(lse_r, ct), ar = stat(a_r, ct), br = stat(b_r, ct);
   const at::Tensor lc = stat(lse_c, ct), ac = stat(a_c, ct), bc = stat(b_c, ct);
   at::Tensor dz = at::empty({n, zr.size(1)}, zr.options().dtype(ct));
+  at::Tensor scratch = at::empty({ffkern::cuda::kSupconScratchBytes}, zr.options().dtype(at::kByte));
   check(ffkern::cuda::supcon_backward(dtype_of(zr), zr.data_ptr(), yr.data_ptr<int64_t>(), zc.data_ptr(),
                                       yc.data_ptr<int64_t>(), n, n_all, zr.size(1), row_offset, lr.data_ptr(),
                                       ar.data_ptr(), br.data_ptr(), lc.data_ptr(), ac.data_ptr(), bc.data_ptr(),
-                                      temperature, margin, dz.data_ptr(), stream()),
+                                      temperature, margin, dz.data_ptr(), scratch.data_ptr(), stream()),
         "supcon_backward");
   return dz;
 }

@@ -60,10 +60,23 @@ __device__ __forceinline__ double zero_of<double>() {
   return 0.0;
 }
 
-__device__ __forceinline__ float acc_exp(float x) { return expf(x); }
-__device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
+// 2^x. fp32: the SFU's ex2.approx (one MUFU.EX2, relative error ~2^-22; results below 2^-126
+// flush to 0, which no sum of at most 2^31 terms with a largest term >= 2^-60 can notice).
+// fp64: the precise libdevice exp2 (float64 is the gradcheck path, not a fast one).
+__device__ __forceinline__ float acc_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ double acc_exp2(double x) { return exp2(x); }
+__device__ __forceinline__ float acc_log2(float x) { return log2f(x); }
+__device__ __forceinline__ double acc_log2(double x) { return log2(x); }
+
+// min(x, 1) that keeps a NaN x NaN, as torch.clamp does (fminf would return 1).
+template <typename Acc>
+__device__ __forceinline__ Acc clip_one(Acc x) {
+  return x > Acc(1) ? Acc(1) : x;
+}
 
 template <typename Acc>
 __device__ __forceinline__ Acc neg_inf();
@@ -79,7 +92,7 @@ __device__ __forceinline__ double neg_inf<double>() {
 // Sum of v over the block (blockDim.x a multiple of 32, at most 1024), the same value returned to
 // every thread. Fixed reduction order: bitwise reproducible. `shared` holds >= 32 values.
 template <typename Acc>
-__device__ Acc block_sum(Acc v, Acc* shared) {
+__device__ __forceinline__ Acc block_sum(Acc v, Acc* shared) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   __syncthreads();  // `shared` may still be read by a previous call
   if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;

@@ -24,11 +24,14 @@ cudaError_t supcon_forward(DType dtype, const void* zr, const int64_t* yr, const
                            double margin, void* loss, void* lse, int32_t* num_pos, int32_t* num_clipped,
                            cudaStream_t stream);
 
-// dz [n, dim] (acc type) = dL/dzr by the symmetric pair term of SPEC 1.3 (statistics in acc type).
+// dz [n, dim] (acc type) = dL/dzr by the symmetric pair term of SPEC 1.3 (statistics in acc type);
+// every element of dz is written. scratch: kSupconScratchBytes of device memory (16-byte aligned)
+// for the batch-wide constants of the one-exponential path.
+constexpr int kSupconScratchBytes = 16;
 cudaError_t supcon_backward(DType dtype, const void* zr, const int64_t* yr, const void* zc, const int64_t* yc,
                             int64_t n, int64_t n_all, int64_t dim, int64_t row_offset, const void* lse_r,
                             const void* a_r, const void* b_r, const void* lse_c, const void* a_c, const void* b_c,
-                            double temperature, double margin, void* dz, cudaStream_t stream);
+                            double temperature, double margin, void* dz, void* scratch, cudaStream_t stream);
 
 // FF goodness [batch] (acc type) of h [batch, tokens, dim] over tokens skip..tokens-1.
 cudaError_t goodness(DType dtype, const void* h, int64_t batch, int64_t tokens, int64_t dim, int64_t skip,
