@@ -55,10 +55,32 @@ def auto_order(device: torch.device):
     return ("cpp", "reference")
 
 
-def resolve(backend, device: torch.device):
-    """Returns the backend object to use for tensors on ``device``."""
+def check_backend_name(backend) -> str:
+    """The name's checks alone (what a module checks at construction; availability depends on the
+    tensors' device and is checked at the call)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def resolve(backend, device: torch.device):
+    """Returns the backend object to use for tensors on ``device``.
+
+    Safe to call inside torch.compile(fullgraph=True), also as the first use of a backend in the
+    process: the choice (which imports the backend, may build the C++ extension, reads
+    FFKERN_BACKEND) runs as ordinary Python at trace time, and the traced code only reads the
+    registry that it filled."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    return _instances[_choose(backend, device.type, device.index)]
+
+
+@torch.compiler.assume_constant_result
+def _choose(backend: str, device_type: str, device_index) -> str:
+    """The name of the backend to use (its instance created in _instances), or an exception."""
+    device = torch.device(device_type, device_index) if device_index is not None else torch.device(device_type)
     source = "backend"
     if backend == "auto":
         env = os.environ.get("FFKERN_BACKEND", "").strip()
@@ -71,14 +93,15 @@ def resolve(backend, device: torch.device):
             impl = _instance(name)
             why = impl.unavailable_reason(device)
             if why is None:
-                return impl
+                return name
             if name == "cpp" and name not in _warned:  # a failed build: say so once, in one line
                 _warned.add(name)
                 first = why.strip().splitlines()[0].rstrip(":") if why.strip() else why
                 warnings.warn(f"ffkern: backend 'cpp' unavailable, 'auto' falls back ({first}); "
                               f"backend='cpp' raises with the full message",
-                              RuntimeWarning, stacklevel=3)
-        return _instance("reference")
+                              RuntimeWarning, stacklevel=4)
+        _instance("reference")
+        return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be 'auto' or one of {list(BACKENDS)}, got {backend!r}")
     if backend == "triton" and not triton_importable():
@@ -87,4 +110,4 @@ def resolve(backend, device: torch.device):
     why = impl.unavailable_reason(device)
     if why is not None:
         raise BackendUnavailable(f"backend {backend!r} cannot run here: {why}")
-    return impl
+    return backend

@@ -130,6 +130,14 @@ def flatten_features(features: Features, labels: Optional[torch.Tensor]) -> Rows
     return Rows(x, row_labels.contiguous(), num_views, batch)
 
 
+def check_skip_tokens(skip_tokens) -> int:
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, numbers.Integral):
+        raise TypeError(f"skip_tokens must be an int, got {type(skip_tokens).__name__}")
+    if skip_tokens < 0:
+        raise ValueError(f"skip_tokens must be >= 0, got {skip_tokens}")
+    return int(skip_tokens)
+
+
 def check_activations(name: str, h, skip_tokens) -> torch.Tensor:
     check_float_tensor(name, h)
     if h.dim() not in (2, 3):
@@ -138,10 +146,7 @@ def check_activations(name: str, h, skip_tokens) -> torch.Tensor:
         raise ValueError(f"{name}: empty batch (B = 0)")
     if h.shape[-1] == 0:
         raise ValueError(f"{name}: feature dimension D is 0")
-    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, numbers.Integral):
-        raise TypeError(f"skip_tokens must be an int, got {type(skip_tokens).__name__}")
-    if skip_tokens < 0:
-        raise ValueError(f"skip_tokens must be >= 0, got {skip_tokens}")
+    check_skip_tokens(skip_tokens)
     if h.dim() == 2 and skip_tokens != 0:
         raise ValueError(f"skip_tokens={skip_tokens} needs token activations [B, T, D], {name} is [B, D]")
     if h.dim() == 3 and skip_tokens >= h.shape[1]:

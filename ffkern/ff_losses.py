@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve
-from ._checks import GOODNESS_KINDS, check_activations, check_choice, check_number, check_pair
+from ._checks import GOODNESS_KINDS, check_activations, check_choice, check_number, check_pair, check_skip_tokens
 
 
 def ff_goodness(h: torch.Tensor, *, kind: str = "mean", skip_tokens: int = 0, backend: str = "auto") -> torch.Tensor:
@@ -13,6 +13,21 @@ def ff_goodness(h: torch.Tensor, *, kind: str = "mean", skip_tokens: int = 0, ba
     check_activations("h", h, skip_tokens)
     check_choice("kind", kind, GOODNESS_KINDS)
     return resolve(backend, h.device).goodness(h, kind, int(skip_tokens))
+
+
+def check_options(kind, skip_tokens) -> None:
+    """The checks of the options shared by every goodness loss (also run by the modules at
+    construction); the inputs' checks are in check_pair / check_activations."""
+    check_choice("kind", kind, GOODNESS_KINDS)
+    check_skip_tokens(skip_tokens)
+
+
+def check_threshold(threshold) -> float:
+    return check_number("threshold", threshold)
+
+
+def check_alpha(alpha) -> float:
+    return check_number("alpha", alpha, low=0.0, low_open=True)
 
 
 def _pair(loss, h_pos, h_neg, param, kind, skip_tokens, backend):
@@ -25,13 +40,13 @@ def _pair(loss, h_pos, h_neg, param, kind, skip_tokens, backend):
 
 def ff_loss(h_pos, h_neg, *, threshold: float = 2.0, kind: str = "mean", skip_tokens: int = 0, backend: str = "auto"):
     """Hinton's FF loss: mean over the 2B values of softplus(theta - g(h+)) and softplus(g(h-) - theta)."""
-    threshold = check_number("threshold", threshold)
+    threshold = check_threshold(threshold)
     return _pair("ff", h_pos, h_neg, threshold, kind, skip_tokens, backend)
 
 
 def symba_loss(h_pos, h_neg, *, alpha: float = 4.0, kind: str = "mean", skip_tokens: int = 0, backend: str = "auto"):
     """SymBa loss: mean_b softplus(-alpha (g(h+_b) - g(h-_b)))."""
-    alpha = check_number("alpha", alpha, low=0.0, low_open=True)
+    alpha = check_alpha(alpha)
     return _pair("symba", h_pos, h_neg, alpha, kind, skip_tokens, backend)
 
 

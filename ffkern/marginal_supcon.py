@@ -24,6 +24,21 @@ def clipped_fraction(num_positives: torch.Tensor, num_clipped: torch.Tensor) -> 
     return frac.mean() if frac.numel() else torch.tensor(float("nan"), dtype=torch.float64)
 
 
+def check_options(temperature, margin, reduction, normalize, base_temperature, return_stats):
+    """The options' checks (also run by MarginalSupConLoss at construction); returns
+    (temperature, margin, base_temperature) as floats."""
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    margin = check_number("margin", margin, low=0.0, high=2.0)
+    check_choice("reduction", reduction, REDUCTIONS)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if base_temperature is not None:
+        base_temperature = check_number("base_temperature", base_temperature, low=0.0, low_open=True)
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    return temperature, margin, base_temperature
+
+
 def marginal_supcon_loss(
     features: Features,
     labels: Optional[torch.Tensor] = None,
@@ -50,15 +65,8 @@ def marginal_supcon_loss(
     the losses (see ffkern.distributed; every rank must call it, and backward, together).
     """
     rows = flatten_features(features, labels)
-    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
-    margin = check_number("margin", margin, low=0.0, high=2.0)
-    check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if base_temperature is not None:
-        base_temperature = check_number("base_temperature", base_temperature, low=0.0, low_open=True)
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
+    temperature, margin, base_temperature = check_options(temperature, margin, reduction, normalize,
+                                                          base_temperature, return_stats)
     impl = resolve(backend, rows.x.device)
 
     x = rows.x

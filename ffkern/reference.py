@@ -16,10 +16,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_scale(x: torch.Tensor) -> torch.Tensor:
+    """[N, 1] powers of two 2^-e (in x's compute dtype, no gradient) that bring the rows whose
+    squared norm could overflow (max |x_ij| >= 2^((emax - 32) / 2): 2^48 in float32, bfloat16 and
+    float16's compute dtype, 2^496 in float64) down to max |x_ij| in [1, 2); 1 for every other row.
+
+    z = x / ||x|| is scale invariant, and a power of two scales exactly, so z (and the gradient,
+    times the same factor) is what exact arithmetic gives: a finite row of norm 1e30 is a unit
+    vector, not the zero vector that x / inf would make it. A row holding inf gets NaN (inf * 0),
+    as inf / inf would; a NaN stays NaN."""
+    dt = compute_dtype(x.dtype)
+    big = 2.0 ** 496 if dt == torch.float64 else 2.0 ** 48  # (emax - 32) / 2, emax = 1024 or 128
+    with torch.no_grad():
+        amax = x.detach().abs().amax(dim=1, keepdim=True).to(dt)
+        exponent = torch.where(amax >= big, torch.floor(torch.log2(amax)), torch.zeros_like(amax))
+        return torch.exp2(-exponent)
+
+
 def normalize_rows(x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """SPEC 1.2 step 1 in the compute dtype: z_i = x_i / max(||x_i||_2, 1e-12) (or x as it is)."""
+    """SPEC 1.2 step 1 in the compute dtype: z_i = x_i / max(||x_i||_2, 1e-12) (or x as it is),
+    without overflow for huge rows (row_scale)."""
     z = x.to(compute_dtype(x.dtype))
-    return F.normalize(z, dim=1, eps=1e-12) if normalize else z
+    return F.normalize(z * row_scale(z), dim=1, eps=1e-12) if normalize else z
 
 
 def supcon_rows(z: torch.Tensor, labels: torch.Tensor, temperature: float, margin: float):

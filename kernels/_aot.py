@@ -150,10 +150,10 @@ def ff_launches(dtype, batch=4096, tokens=1, dim=1024, loss="ff"):
 
     def run():
         if loss == "goodness":
-            FF._forward(FF.GOODNESS, h, None, None, "mean", 0)
+            FF.forward(FF.GOODNESS, h, None, None, "mean", 0)
         else:
-            _, coef, split, _ = FF._forward(FF.LOSS_IDS[loss], h, h, 2.0, "mean", 0)
-            FF._backward(h, coef[0], coef[1], torch.ones(1, dtype=coef.dtype), 0, split)
+            _, coef, split, _ = FF.forward(FF.LOSS_IDS[loss], h, h, 2.0, "mean", 0)
+            FF.backward(h, coef[0], coef[1], torch.ones(1, dtype=coef.dtype), 0, split)
     return _record(run)
 
 

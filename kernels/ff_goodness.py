@@ -1,4 +1,5 @@
-"""Fused Triton kernels of the Forward-Forward goodness losses (SPEC 2), launchers and autograd.
+"""Fused Triton kernels of the Forward-Forward goodness losses (SPEC 2) and their launchers
+(operators and autograd: _ops.py).
 
 Forward reads each activation tensor once: per sample the token mean hbar (tokens t >= skip) and
 the energies e1 = sum_{d < split} hbar_d^2, e2 = sum_{d >= split} hbar_d^2 (split = D/2 for SFFA,
@@ -12,13 +13,12 @@ accumulation dtype, so float64 kernels get float64 constants (a Python float is 
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
-from functools import lru_cache
-
-from ._autodiff import first_order_only
 from ._launch import is_interpreter, launch
 
 GOODNESS, FF, SYMBA, SFFA = 0, 1, 2, 3
@@ -168,15 +168,24 @@ def _consts(inv_count: float, gscale: float, param: float, dtype: torch.dtype, d
     return torch.tensor([inv_count, gscale, param, SFFA_EPS], dtype=dtype, device=device)
 
 
-def _forward(loss_id, h_pos, h_neg, param, kind, skip):
+def goodness_scale(kind: str, dim: int) -> float:
+    return 1.0 / dim if kind == "mean" else 1.0
+
+
+def split_of(loss_id: int, dim: int) -> int:
+    """Features [0, split) are SFFA's first half (its q); the other losses use all of them."""
+    return dim // 2 if loss_id == SFFA else dim
+
+
+def forward(loss_id, h_pos, h_neg, param, kind, skip):
     hp = _as_btd(h_pos)
     hn = _as_btd(h_neg) if h_neg is not None else hp
     batch, tokens, dim = hp.shape
     acc, out_dtype = _acc_dtypes(hp.dtype)
     out = torch.empty(batch, dtype=out_dtype, device=hp.device)
     coef = torch.empty((4, batch) if loss_id != GOODNESS else (1,), dtype=out_dtype, device=hp.device)
-    split = dim // 2 if loss_id == SFFA else dim
-    gscale = 1.0 / dim if kind == "mean" else 1.0
+    split = split_of(loss_id, dim)
+    gscale = goodness_scale(kind, dim)
     block_b, block_d = _blocks(dim, hp.dtype)
     consts = _consts(1.0 / (tokens - skip), gscale, 0.0 if param is None else float(param), out_dtype, hp.device)
     launch(_ff_fwd_kernel, (triton.cdiv(batch, block_b),),
@@ -185,7 +194,7 @@ def _forward(loss_id, h_pos, h_neg, param, kind, skip):
     return out, coef, split, gscale
 
 
-def _backward(h, c1, c2, scale, skip, split):
+def backward(h, c1, c2, scale, skip, split):
     h3 = _as_btd(h)
     batch, tokens, dim = h3.shape
     dh = torch.empty(h3.shape, dtype=h.dtype, device=h.device)
@@ -196,46 +205,3 @@ def _backward(h, c1, c2, scale, skip, split):
            h3, dh, c1, c2, scale, consts, batch, tokens, dim, skip, h3.stride(0), h3.stride(1), dh.stride(0),
            dh.stride(1), split, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
     return dh.view(h.shape)
-
-
-class Goodness(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, kind, skip):
-        g, _, split, gscale = _forward(GOODNESS, h, None, None, kind, skip)
-        ctx.save_for_backward(h)
-        ctx.skip, ctx.split, ctx.gscale = skip, split, gscale
-        return g
-
-    @staticmethod
-    def backward(ctx, grad_g):
-        (h,) = ctx.saved_tensors
-        c = (grad_g * (2.0 * ctx.gscale)).contiguous()  # dg/dhbar_d = 2 gscale hbar_d
-        one = torch.ones(1, dtype=c.dtype, device=c.device)
-        return first_order_only(_backward(h, c, c, one, ctx.skip, ctx.split), "ff_goodness", h), None, None
-
-
-class PairLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h_pos, h_neg, loss, param, kind, skip):
-        terms, coef, split, _ = _forward(LOSS_IDS[loss], h_pos, h_neg, param, kind, skip)
-        ctx.norm = 1.0 / terms.shape[0] if loss == "symba" else 0.5 / terms.shape[0]  # mean over B or 2B
-        ctx.save_for_backward(h_pos, h_neg, coef)
-        ctx.skip, ctx.split, ctx.loss = skip, split, loss
-        return terms.sum() * ctx.norm
-
-    @staticmethod
-    def backward(ctx, grad):
-        h_pos, h_neg, coef = ctx.saved_tensors
-        scale = (grad.to(coef.dtype) * ctx.norm).reshape(1)
-        d_pos = _backward(h_pos, coef[0], coef[1], scale, ctx.skip, ctx.split) if ctx.needs_input_grad[0] else None
-        d_neg = _backward(h_neg, coef[2], coef[3], scale, ctx.skip, ctx.split) if ctx.needs_input_grad[1] else None
-        function = {"ff": "ff_loss", "symba": "symba_loss", "sffa": "sffa_loss"}[ctx.loss]
-        return first_order_only(d_pos, function, h_pos), first_order_only(d_neg, function, h_neg), None, None, None, None
-
-
-def goodness(h, kind="mean", skip_tokens=0):
-    return Goodness.apply(h, kind, skip_tokens)
-
-
-def pair_loss(loss, h_pos, h_neg, param, kind="mean", skip_tokens=0):
-    return PairLoss.apply(h_pos, h_neg, loss, param, kind, skip_tokens)

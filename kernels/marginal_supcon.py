@@ -50,9 +50,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ffkern._supcon_function import backward_coefficients
-
-from ._autodiff import first_order_only
 from ._launch import dot_precision, is_interpreter, launch
 
 LOG2E = 1.4426950408889634
@@ -535,6 +532,22 @@ def _inverse_norms(norm):
     return 1.0 / norm.clamp(min=1e-12)
 
 
+def _nan_if_non_finite(zr, zc, norm_r, norm_c, dtype):
+    """0, or NaN if any feature is NaN or inf (0-dim, on the device, no sync).
+
+    A non-finite row is NaN once normalized and sits in every anchor's denominator, so every
+    output is NaN, as in the reference. The kernels cannot be trusted to carry that NaN: min/max
+    on a GPU return the non-NaN operand (the clip at w_clip and the running max would turn a NaN
+    logit into a finite one). From the row norms where the kernels normalize (a row with inf or
+    NaN has a non-finite norm; huge finite rows come power-of-two scaled, ffkern.reference.row_scale)."""
+    if norm_r is not None:
+        bad = ~torch.isfinite(norm_r).all() | ~torch.isfinite(norm_c).all()
+    else:
+        bad = ~torch.isfinite(zr).all() | ~torch.isfinite(zc).all()
+    return torch.where(bad, torch.full((), float("nan"), dtype=dtype, device=zr.device),
+                       torch.zeros((), dtype=dtype, device=zr.device))
+
+
 def supcon_forward(zr, yr, zc, yc, row_offset: int, temperature: float, margin: float, norm_r=None, norm_c=None,
                    unit_rows: bool = False):
     """Anchors zr [n, D] (global rows row_offset..) against all rows zc [N, D].
@@ -572,7 +585,8 @@ def supcon_forward(zr, yr, zc, yc, row_offset: int, temperature: float, margin: 
         block = 128
         launch(_supcon_fwd_combine, (triton.cdiv(n, block),), fpart, ipart, consts, loss, lse, num_pos, num_clipped,
                n, splits, ACC=_acc(zr.dtype), BLOCK=block, num_warps=4)
-    return loss, lse, num_pos, num_clipped
+    nan = _nan_if_non_finite(zr, zc, norm_r, norm_c, stat)
+    return loss + nan, lse + nan, num_pos, num_clipped
 
 
 def supcon_backward(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c, temperature, margin,
@@ -626,28 +640,4 @@ def supcon_backward(zr, yr, zc, yc, row_offset, lse_r, a_r, b_r, lse_c, a_c, b_c
             z = zr.to(acc_dtype) * r_r[:, None]
             along = torch.where(norm_r > 1e-12, (z * dz).sum(1), torch.zeros_like(r_r))
             dz = (r_r[:, None] * (dz - z * along[:, None])).to(zr.dtype)
-    return dz
-
-
-class MarginalSupConRows(torch.autograd.Function):
-    """(x [N, D], labels [N]) -> per-anchor loss L [N] (and |P(i)|, clipped counts, not
-    differentiable). With normalize, x is normalized inside the kernels: memory beyond the
-    inputs is the per-row statistics (norm, lse, |P|) only; backward recomputes the tiles."""
-
-    @staticmethod
-    def forward(ctx, x_in, labels, temperature, margin, normalize):
-        x = x_in.contiguous()
-        norm = torch.linalg.vector_norm(x, dim=1, dtype=_stat_dtype(x.dtype)) if normalize else None
-        labels = kernel_labels(labels)
-        loss, lse, num_pos, num_clipped = supcon_forward(x, labels, x, labels, 0, temperature, margin, norm, norm)
-        ctx.save_for_backward(x, labels, lse, num_pos, norm, x_in)  # x_in: the graph, for create_graph
-        ctx.temperature, ctx.margin = temperature, margin
-        ctx.mark_non_differentiable(num_pos, num_clipped)
-        return loss, num_pos, num_clipped
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_pos, _grad_clipped):
-        x, labels, lse, num_pos, norm, x_in = ctx.saved_tensors
-        a, b = backward_coefficients(grad_loss.to(lse.dtype), num_pos, ctx.temperature)
-        dx = supcon_backward(x, labels, x, labels, 0, lse, a, b, lse, a, b, ctx.temperature, ctx.margin, norm, norm)
-        return first_order_only(dx.to(x.dtype), "marginal_supcon_loss", x_in), None, None, None, None
+    return dz + _nan_if_non_finite(zr, zc, norm_r, norm_c, dz.dtype)

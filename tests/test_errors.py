@@ -92,3 +92,42 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 def test_auto_on_cpu_is_not_the_interpreter():
     """The interpreter is for tests: "auto" never chooses it for speed."""
     assert _backend.resolve("auto", torch.device("cpu")).name != "triton"
+
+
+# ---- the nn.Module wrappers check their options at construction -------------------------------------
+
+@pytest.mark.parametrize("make,exc,message", [
+    (lambda: ffkern.MarginalSupConLoss(temperature=0.0), ValueError, "temperature must be > 0"),
+    (lambda: ffkern.MarginalSupConLoss(margin=-0.1), ValueError, "margin must be >= 0"),
+    (lambda: ffkern.MarginalSupConLoss(margin=2.5), ValueError, "margin must be <= 2"),
+    (lambda: ffkern.MarginalSupConLoss(reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda: ffkern.MarginalSupConLoss(normalize=1), TypeError, "normalize must be a bool"),
+    (lambda: ffkern.MarginalSupConLoss(base_temperature=-1.0), ValueError, "base_temperature must be > 0"),
+    (lambda: ffkern.MarginalSupConLoss(backend="tritn"), ValueError, "backend must be 'auto' or one of"),
+    (lambda: ffkern.MarginalSupConLoss(backend=None), TypeError, "backend must be a string"),
+    (lambda: ffkern.MarginalSupConLoss(return_stats="yes"), TypeError, "return_stats must be a bool"),
+    (lambda: ffkern.MarginalSupConLoss(group="world"), TypeError, "group must be a torch.distributed.ProcessGroup"),
+    (lambda: ffkern.FFLoss(threshold=float("nan")), ValueError, "threshold must be finite"),
+    (lambda: ffkern.FFLoss(kind="max"), ValueError, "kind must be one of"),
+    (lambda: ffkern.SymBaLoss(alpha=0.0), ValueError, "alpha must be > 0"),
+    (lambda: ffkern.SymBaLoss(skip_tokens=-1), ValueError, "skip_tokens must be >= 0"),
+    (lambda: ffkern.SFFALoss(skip_tokens=1.5), TypeError, "skip_tokens must be an int"),
+    (lambda: ffkern.SFFALoss(backend="cuda"), ValueError, "backend must be 'auto' or one of"),
+])
+def test_module_options_checked_at_construction(make, exc, message):
+    with pytest.raises(exc, match=message):
+        make()
+
+
+def test_module_takes_return_stats_and_group_like_the_function():
+    criterion = ffkern.MarginalSupConLoss(temperature=0.2, margin=0.3, return_stats=True, group=None,
+                                          backend="reference")
+    loss, stats = criterion(X, Y)
+    expected, expected_stats = ffkern.marginal_supcon_loss(X, Y, temperature=0.2, margin=0.3, return_stats=True,
+                                                           backend="reference")
+    assert torch.equal(loss, expected) and torch.equal(stats.num_clipped, expected_stats.num_clipped)
+    # call-time keywords override the constructor's
+    assert torch.equal(criterion(X, Y, return_stats=False), expected)
+    h1, h2 = torch.randn(4, 6), torch.randn(4, 6)
+    assert torch.equal(ffkern.FFLoss(threshold=1.0, backend="reference")(h1, h2, threshold=3.0),
+                       ffkern.ff_loss(h1, h2, threshold=3.0, backend="reference"))

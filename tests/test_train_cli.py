@@ -273,3 +273,29 @@ def test_triton_backend_on_cpu_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ffkern train: error: --backend triton: "), proc.stderr
     assert "TRITON_INTERPRET" in lines[0] and "test accuracy" not in proc.stdout
+
+
+# ---- runs that would learn nothing are refused or warned about (issue 11, item 11) ------------------
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("cff_batch_of_one", ["--batch-size", "1"], "method 'cff' with batch_size 1 (--batch-size): a batch of one"
+                                                 " sample has no negatives"),
+    ("zero_features", ["--dataset", "ZERO"], "has samples of shape [0]: 0 input values"),
+])
+def test_runs_that_learn_nothing_are_refused(case, args, message, tmp_path, capsys, no_training):
+    if "ZERO" in args:
+        args = ["--dataset", _npz(tmp_path / "empty.npz", x=np.zeros((40, 0)))]
+    assert main(["train", *TINY, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("ffkern train: error: ") and message in err[-1], err
+
+
+def test_test_classes_unseen_in_training_are_warned_about(tmp_path, capsys):
+    path = _npz(tmp_path / "unseen.npz", labels=np.arange(40) % 2, test_labels=np.arange(6) % 3)  # class 2: test only
+    metrics = tmp_path / "m.json"
+    assert main(["train", *TINY, "--dataset", path, "--metrics-out", str(metrics)]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 2 of 6 test samples have classes (2; " in out and "the training set never shows" in out
+    assert "3 classes" in out
+    assert json.loads(metrics.read_text())["warnings"][0].startswith("2 of 6 test samples")

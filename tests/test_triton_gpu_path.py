@@ -229,34 +229,3 @@ def test_split_sweep_with_row_offset(monkeypatch):
     b_c = a_c / full[2].clamp(min=1)
     args = (zr, yr, z, y, 40, full[1][40:100], a_c[40:100], b_c[40:100], full[1], a_c, b_c, 0.15, 0.3)
     torch.testing.assert_close(SC.supcon_backward(*args), reference.supcon_backward(*args), rtol=1e-10, atol=1e-12)
-
-
-# ---------------------------------------------------------------- autodiff modes
-
-TRITON_LOSSES = {
-    "marginal_supcon_loss": lambda x: ffkern.marginal_supcon_loss(x, torch.arange(8) % 3, backend="triton"),
-    "ff_loss": lambda x: ffkern.ff_loss(x[:, 0], x[:, 1], backend="triton"),
-    "symba_loss": lambda x: ffkern.symba_loss(x[:, 0], x[:, 1], backend="triton"),
-    "sffa_loss": lambda x: ffkern.sffa_loss(x[:, 0], x[:, 1], backend="triton"),
-    "ff_goodness": lambda x: ffkern.ff_goodness(x[:, 0], backend="triton").sum(),
-}
-
-
-@pytest.mark.parametrize("function", list(TRITON_LOSSES))
-def test_double_backward_raises_instead_of_dropping_the_penalty(function):
-    """create_graph=True gives the right gradient; differentiating it (a gradient penalty) raises
-    rather than treating the penalty as a constant."""
-    fn = TRITON_LOSSES[function]
-    x = torch.randn(8, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
-    (plain,) = torch.autograd.grad(fn(x), x)
-    (graph,) = torch.autograd.grad(fn(x), x, create_graph=True)
-    torch.testing.assert_close(graph.detach(), plain)
-    with pytest.raises(RuntimeError, match=f"ffkern: backend 'triton' does not support double backward.*{function}"):
-        graph.square().sum().backward()
-
-
-@pytest.mark.parametrize("function", list(TRITON_LOSSES))
-def test_forward_mode_is_refused(function):
-    x = torch.randn(8, 2, 4, dtype=torch.float64)
-    with pytest.raises(RuntimeError):
-        torch.func.jvp(TRITON_LOSSES[function], (x,), (torch.ones_like(x),))

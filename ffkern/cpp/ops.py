@@ -7,8 +7,8 @@ compiled library first (building it if needed; see ffkern.cpp.build).
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
+from .._op_autograd import OperatorAutograd
 from . import build
 
 build.load_library()
@@ -60,98 +60,11 @@ def _pair_loss_backward_fake(grad, h_pos, h_neg, loss, param, kind, skip_tokens)
             torch.empty_like(h_neg, memory_format=torch.contiguous_format))
 
 
-# ---- autograd ---------------------------------------------------------------------------------------
-#
-# Only first-order reverse mode (loss.backward(), torch.autograd.grad) is implemented. The other
-# modes would otherwise go wrong silently or with a message about torch internals, so each operator
-# refuses them with one naming ffkern, the backend and the public function:
-#   - double backward (create_graph=True): the backward formulas call the *_backward operators;
-#     their registered autograd raises when something is differentiated through them (only then:
-#     create_graph=True whose gradient is merely used as a value still works);
-#   - forward-mode AD (torch.func.jvp, torch.autograd.forward_ad): torch's generated autograd
-#     kernel passes dual tensors to the kernels below autograd, which drop the tangent (a zero
-#     tangent, no warning); the kernel is wrapped to raise when an input carries a tangent;
-#   - torch.func.grad/vjp/jacrev: the generated kernel is an autograd.Function without
-#     setup_context, which torch.func rejects with a message that names neither ffkern nor a fix.
-# torch.func.vmap works: PyTorch's batching fallback runs the operator once per batch entry.
+# ---- autograd (ffkern._op_autograd: first-order reverse mode; the other modes raise clearly) ------
 
-# The public function behind each operator, for the error messages.
-_PAIR_FUNCTIONS = {"ff": "ff_loss", "symba": "symba_loss", "sffa": "sffa_loss"}
-
-
-def public_function(name: str, args) -> str:
-    if name.startswith("supcon"):
-        return "marginal_supcon_loss"
-    if name.startswith("goodness"):
-        return "ff_goodness"
-    loss = args[2] if name == "pair_loss" else args[3]  # pair_loss_backward has grad first
-    return _PAIR_FUNCTIONS.get(loss, "the FF pair losses")
-
-
-def _fallback_hint(name: str) -> str:
-    return "use backend='reference'" + ("" if name.endswith("_backward") else " (plain PyTorch, supports every mode)")
-
-
-def refuse_unsupported_modes(name: str, args) -> None:
-    """Raises for the autodiff modes the operators do not implement (see above); inputs that do not
-    depend on the differentiated variable (no tangent, no requires_grad) are not refused."""
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
-        raise RuntimeError(
-            f"ffkern: backend 'cpp' does not support forward-mode AD (torch.func.jvp, torch.func.jacfwd, "
-            f"torch.autograd.forward_ad) of {public_function(name, args)} (operator ffkern::{name}); "
-            f"{_fallback_hint(name)}")
-    functorch = torch._C._functorch
-    stack = functorch.get_interpreter_stack() if hasattr(functorch, "get_interpreter_stack") else None
-    if stack and any(t.requires_grad for t in tensors) and any(i.key() == functorch.TransformType.Grad for i in stack):
-        raise RuntimeError(
-            f"ffkern: backend 'cpp' does not support torch.func.grad/vjp/jacrev/hessian of "
-            f"{public_function(name, args)} (operator ffkern::{name}); use torch.autograd.grad or "
-            f"loss.backward(), or {_fallback_hint(name)}")
-
-
-_lib = torch.library.Library("ffkern", "FRAGMENT")  # kept alive: it owns the Autograd kernels
-
-
-def _register_autograd(name: str, backward, setup_context=None) -> None:
-    """torch.library.register_autograd, plus the checks of refuse_unsupported_modes in front of
-    torch's generated kernel (which register_autograd offers no hook for)."""
-    try:
-        from torch._library.autograd import Info, make_autograd_impl
-    except ImportError:  # a torch without that internal: plain registration, modes not refused
-        torch.library.register_autograd(f"ffkern::{name}", backward, setup_context=setup_context)
-        return
-    kernel = make_autograd_impl(getattr(torch.ops.ffkern, name).default, Info(backward, setup_context))
-
-    def checked_kernel(keyset, *args, **kwargs):
-        refuse_unsupported_modes(name, args)
-        return kernel(keyset, *args, **kwargs)
-
-    _lib.impl(name, checked_kernel, "Autograd", with_keyset=True)
-
-
-def _no_derivative(name: str):
-    """(backward, setup_context) for an operator with no derivative: raises when autograd reaches
-    it, i.e. when something is differentiated through it."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.function = public_function(name, inputs)
-
-    def backward(ctx, *grads):
-        if name.endswith("_backward"):
-            raise RuntimeError(
-                f"ffkern: backend 'cpp' does not support double backward (create_graph=True) of {ctx.function} "
-                f"(its gradient is computed by operator ffkern::{name}, which has no derivative); "
-                f"use backend='reference'")
-        raise RuntimeError(
-            f"ffkern: backend 'cpp': operator ffkern::{name} has no derivative (it is a primitive of "
-            f"{ctx.function}, which differentiates through ffkern::supcon_rows)")
-
-    return backward, setup_context
-
-
+_autograd = OperatorAutograd("cpp", "ffkern")
 for _name in ("supcon_forward", "supcon_backward", "goodness_backward", "pair_loss_backward"):
-    _register_autograd(_name, *_no_derivative(_name))
+    _autograd.register_no_derivative(_name)
 
 
 def round_operand(z: torch.Tensor, operand_dtype) -> torch.Tensor:
@@ -188,7 +101,7 @@ def _supcon_rows_backward(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
     return dz.to(z.dtype), None, None, None, None
 
 
-_register_autograd("supcon_rows", _supcon_rows_backward, setup_context=_supcon_rows_setup)
+_autograd.register("supcon_rows", _supcon_rows_backward, setup_context=_supcon_rows_setup)
 
 
 def _goodness_setup(ctx, inputs, output):
@@ -202,7 +115,7 @@ def _goodness_backward(ctx, grad):
     return torch.ops.ffkern.goodness_backward(grad, h, ctx.kind, ctx.skip_tokens), None, None
 
 
-_register_autograd("goodness", _goodness_backward, setup_context=_goodness_setup)
+_autograd.register("goodness", _goodness_backward, setup_context=_goodness_setup)
 
 
 def _pair_loss_setup(ctx, inputs, output):
@@ -217,4 +130,4 @@ def _pair_loss_backward(ctx, grad):
     return d_pos, d_neg, None, None, None, None
 
 
-_register_autograd("pair_loss", _pair_loss_backward, setup_context=_pair_loss_setup)
+_autograd.register("pair_loss", _pair_loss_backward, setup_context=_pair_loss_setup)

@@ -39,13 +39,13 @@ import torch.distributed as dist
 
 from .._backend import resolve
 from ..distributed import check_group
-from .data import Dataset, batches, load_dataset
+from .data import Dataset, batches, dataset_for
 from .layerwise import run_layers
 from .methods import LayerBatch
 from .metrics import History
 from .trainer import (TrainConfig, _progress, apply_device_options, build_augment, build_local_layers, build_model,
-                      check_compatible, epoch_inputs, layer_margins, pick_device, predict, run_metrics, valid_batch_size,
-                      valid_inputs, warn_nonfinite)
+                      check_compatible, dataset_warnings, epoch_inputs, layer_margins, pick_device, predict, run_metrics,
+                      valid_batch_size, valid_inputs, warn_nonfinite)
 
 MAX_SENDS_IN_FLIGHT = 2  # messages a stage may have sent but not yet seen delivered
 _MAGIC = 0x46464B50  # "FFKP": a header from this protocol, not stray bytes
@@ -280,13 +280,16 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     owners = split_layers(cfg.depth, world)
     mine = owners[rank]
     backend_name = resolve(cfg.backend, device).name
-    data = data if data is not None else load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction)
+    data = dataset_for(cfg, data)  # loaded unless given, with the protocol (label noise, fraction)
     _check_same_run(cfg, data, pg)
     check_compatible(cfg, data)  # after the comparison: every rank has the same data, so all raise alike
     if rank == 0:  # only the first stage reads inputs (and rank 0 evaluates at the end)
         data = data.to(device)
         log(f"ffkern train --pipeline: {cfg.method} on {cfg.model} | {data.summary()} | device {device}, loss backend"
             f" {backend_name} | {world} ranks ({dist.get_backend(pg)}), layers per rank {owners}")
+        notes = dataset_warnings(data)
+        for note in notes:
+            log(f"warning: {note}")
     encoder = build_model(cfg, data).to(device)  # every rank: the same initial weights (seeded per layer)
     augment = build_augment(cfg, data)
     layers = build_local_layers(cfg, encoder, mine)
@@ -351,6 +354,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
             full.layers[l] = rec
     result = predict(cfg, encoder, data, torch.bfloat16 if cfg.bf16 else None)
     metrics = run_metrics(cfg, data, encoder, augment, full, result, backend_name, device, t0, log)
+    metrics["warnings"] = notes
     metrics["pipeline"] = {
         "world_size": world, "layers_per_rank": owners, "process_group_backend": dist.get_backend(pg),
         "train_steps": sum(m.split == "train" for m in plan), "valid_steps": sum(m.split == "valid" for m in plan),

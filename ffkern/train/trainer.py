@@ -6,7 +6,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -15,7 +15,7 @@ from .._backend import resolve
 from .._checks import check_choice, check_number
 from . import rng
 from .bp import train_bp
-from .data import Augment, Dataset, batches, load_dataset
+from .data import Augment, Dataset, batches, check_data_config, dataset_for, input_abs_max, load_dataset  # noqa: F401
 from .heads import accuracy, goodness_logits, layer_features, train_linear_head
 from .layerwise import LocalLayer, make_local_layers, run_layers
 from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective
@@ -61,8 +61,16 @@ class TrainConfig:
     mL: float = 0.1
     threshold: float = 2.0  # FF
     alpha: float = 4.0  # SymBa
-    shift: Optional[int] = None  # augmentation: random shift in pixels; None: default_shift(image side)
+    shift: Optional[int] = None  # the older name of crop_pad (either may be given; resolved() sets both)
     noise: float = 0.2  # augmentation: Gaussian noise std (inputs are standardized)
+    crop_pad: Optional[int] = None  # augmentation: random crop of the image zero-padded this much; None: default_shift
+    flip: Optional[bool] = None  # augmentation: horizontal flips; None: on for RGB images, off otherwise
+    rotate: float = 0.0  # augmentation: random rotation in [-rotate, rotate] degrees
+    randaug: Optional[Tuple[int, int]] = None  # augmentation: RandAugment (N ops, magnitude M of 30), or "N,M"
+    data_dir: Optional[str] = None  # the folder of a named dataset's files (mnist, cifar10, ..., folder)
+    label_noise: float = 0.0  # protocol: fraction of training labels set to a random other class
+    train_fraction: float = 1.0  # protocol: seeded stratified fraction of the training split kept
+    topk: Optional[int] = None  # also report the top-k test accuracy (test_top{k}_accuracy)
     head_epochs: int = 30
     head_lr: float = 1e-2
     ff_predict: str = "goodness"  # "goodness" (try every label) or "head"
@@ -107,7 +115,7 @@ class TrainConfig:
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
         if filled.model == "vit" and filled.width % filled.heads:  # attention splits E into H equal heads
             raise ValueError(f"width (--width) E={filled.width} must be divisible by heads (--heads) H={filled.heads} for the ViT")
-        return filled
+        return check_data_config(filled)  # data, augmentation and protocol options (data.py)
 
 
 def default_shift(sample_shape) -> int:
@@ -131,6 +139,13 @@ def pick_device(name: str) -> torch.device:
 def check_compatible(cfg: TrainConfig, data: Dataset) -> None:
     """The checks of a (resolved) config that need the data, raised as ValueError before any
     model is built or step taken (the encoders check the same again for direct callers)."""
+    if math.prod(data.sample_shape) == 0:
+        raise ValueError(f"dataset {data.name} has samples of shape {list(data.sample_shape)}: 0 input values,"
+                         f" nothing to learn from")
+    if cfg.method == "cff" and cfg.batch_size < 2:
+        raise ValueError(f"method 'cff' with batch_size {cfg.batch_size} (--batch-size): a batch of one sample has no"
+                         f" negatives, so its contrastive loss is identically 0 and nothing is learned; use 2 or more"
+                         f" (CFF's runs use 128 to 512)")
     if cfg.method in FF_FAMILY and data.num_classes < 2:
         raise ValueError(f"method {cfg.method!r} needs at least 2 classes (its negatives carry a wrong label), but"
                          f" dataset {data.name} has {data.num_classes}")
@@ -147,6 +162,23 @@ def check_compatible(cfg: TrainConfig, data: Dataset) -> None:
         if data.num_classes > inputs:
             raise ValueError(f"method {cfg.method!r} on the MLP puts the label one-hot in the first inputs, but dataset"
                              f" {data.name} has {data.num_classes} classes and only {inputs} input values")
+
+
+def dataset_warnings(data: Dataset) -> List[str]:
+    """What a careful user would want to know before a run whose result it spoils: classes of the
+    validation or test split that the training split never shows (no method can predict them;
+    they still count in the head's size and in the accuracy)."""
+    seen = torch.bincount(data.y_train.cpu(), minlength=data.num_classes) > 0
+    notes = []
+    for split, labels in (("test", data.y_test), ("validation", data.y_valid)):
+        labels = labels.cpu()
+        unseen = labels[~seen[labels]]
+        if unseen.numel():
+            classes = sorted(set(unseen.tolist()))
+            shown = ", ".join(map(str, classes[:10])) + (", ..." if len(classes) > 10 else "")
+            notes.append(f"{unseen.numel()} of {labels.numel()} {split} samples have classes ({shown}; as class indices"
+                         f" after remapping) that the training set never shows: no method can predict them")
+    return notes
 
 
 def _progress(epochs: int, desc: str, enabled: bool):
@@ -168,14 +200,20 @@ def build_model(cfg: TrainConfig, data: Dataset) -> Encoder:
     """The encoder of a (resolved) config, on the data's device. Deterministic in cfg.seed, layer by
     layer (rng.INIT streams), so every process of a pipeline can build it and keep its own layers."""
     patch = (cfg.patch_size or default_patch(data.sample_shape)) if cfg.model == "vit" else 1
-    label_scale = float(data.x_train.abs().max()) if cfg.method in FF_FAMILY else 1.0  # FF's label: a bright "pixel"
+    label_scale = input_abs_max(data.x_train) if cfg.method in FF_FAMILY else 1.0  # FF's label: a bright "pixel"
     return build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.depth,
                          heads=cfg.heads, patch_size=patch, label_input=cfg.method in FF_FAMILY,
                          label_scale=label_scale, seed=cfg.seed).to(data.x_train.device)
 
 
 def build_augment(cfg: TrainConfig, data: Dataset) -> Augment:
-    return Augment(default_shift(data.sample_shape) if cfg.shift is None else cfg.shift, cfg.noise)
+    """The augmentation of a config on ``data``: crop padding default_shift unless given, flips by
+    default for RGB images only (CIFAR, SVHN; not digits or MNIST, where a flip changes the class),
+    the dataset's pixel statistics for black padding and RandAugment's colour ops."""
+    crop = cfg.crop_pad if cfg.crop_pad is not None else cfg.shift
+    flip = cfg.flip if cfg.flip is not None else (data.is_image and data.sample_shape[0] == 3)
+    return Augment(default_shift(data.sample_shape) if crop is None else crop, cfg.noise, flip=flip,
+                   rotate=cfg.rotate, randaug=cfg.randaug, pixel_mean=data.pixel_mean, pixel_std=data.pixel_std)
 
 
 def layer_margins(cfg: TrainConfig):
@@ -231,9 +269,12 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     apply_device_options(cfg, device)
     autocast_dtype = torch.bfloat16 if cfg.bf16 else None
     backend_name = resolve(cfg.backend, device).name
-    data = (data if data is not None else load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction)).to(device)
+    data = dataset_for(cfg, data).to(device)  # loaded unless given, with the protocol (label noise, fraction)
     check_compatible(cfg, data)
     log(f"ffkern train: {cfg.method} on {cfg.model} | {data.summary()} | device {device}, loss backend {backend_name}")
+    notes = dataset_warnings(data)
+    for note in notes:
+        log(f"warning: {note}")
     encoder = build_model(cfg, data)
     augment = build_augment(cfg, data)
     bar = _progress(cfg.epochs, f"{cfg.method}/{cfg.model}", progress)
@@ -247,14 +288,18 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
         with torch.no_grad():
             encoder.eval()
             result["valid_accuracy"] = accuracy(head(encoder(data.x_valid)).float(), data.y_valid)
-            result["test_accuracy"] = accuracy(head(encoder(data.x_test)).float(), data.y_test)
+            test_logits = head(encoder(data.x_test)).float()
+            result["test_accuracy"] = accuracy(test_logits, data.y_test)
+            result.update(topk_results(cfg, test_logits, data.y_test))
     else:
         layers = build_local_layers(cfg, encoder)
         history = History([f"layer {l}" for l in range(cfg.depth)], layer_margins(cfg))
         stage1(cfg, encoder, layers, data, augment, history, bar, log)
         result.update(predict(cfg, encoder, data, autocast_dtype))
 
-    return run_metrics(cfg, data, encoder, augment, history, result, backend_name, device, t0, log)
+    metrics = run_metrics(cfg, data, encoder, augment, history, result, backend_name, device, t0, log)
+    metrics["warnings"] = notes
+    return metrics
 
 
 def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
@@ -279,13 +324,16 @@ def run_metrics(cfg: TrainConfig, data: Dataset, encoder, augment: Augment, hist
     patch = getattr(encoder, "patch", None)
     return {
         "test_accuracy": result["test_accuracy"],
+        **{k: v for k, v in result.items() if k.startswith("test_top")},
         "valid_accuracy": result["valid_accuracy"],
         "method": cfg.method, "model": cfg.model, "dataset": data.name,
         "num_train": len(data.y_train), "num_valid": len(data.y_valid), "num_test": len(data.y_test),
         "backend": backend_name, "device": str(device), "torch_threads": torch.get_num_threads(), "wall_time_s": wall,
         "layers": history.to_json(),
         "head": result.get("head"),
-        "config": dataclasses.asdict(cfg) | {"patch_size": patch, "shift": augment.shift},
+        "config": dataclasses.asdict(cfg) | {"patch_size": patch, "shift": augment.shift} | augment.describe(),
+        "protocol": {"label_noise": 0.0, "train_fraction": 1.0, "num_train_full": len(data.y_train),
+                     "num_train": len(data.y_train), "noisy_train_labels": 0} | data.protocol,
         "versions": {"ffkern": __version__, "torch": torch.__version__},
     }
 
@@ -325,8 +373,9 @@ def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
     pooled features; otherwise FF's try-every-label rule. Returns accuracies and head info."""
     if cfg.method in FF_FAMILY and cfg.ff_predict == "goodness":
         opts = dict(backend=cfg.backend, autocast_dtype=autocast_dtype)
+        test_logits = goodness_logits(encoder, cfg.method, data.x_test, **opts)
         return {"valid_accuracy": accuracy(goodness_logits(encoder, cfg.method, data.x_valid, **opts), data.y_valid),
-                "test_accuracy": accuracy(goodness_logits(encoder, cfg.method, data.x_test, **opts), data.y_test),
+                "test_accuracy": accuracy(test_logits, data.y_test), **topk_results(cfg, test_logits, data.y_test),
                 "head": {"kind": "goodness of every label, summed over layers"}}
 
     def feats(x):
@@ -340,5 +389,23 @@ def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
     head, info = train_linear_head(ftr, data.y_train, fva, data.y_valid, data.num_classes, epochs=cfg.head_epochs,
                                    lr=cfg.head_lr, batch_size=cfg.batch_size, seed=cfg.seed)
     with torch.no_grad():
-        return {"valid_accuracy": accuracy(head(fva), data.y_valid), "test_accuracy": accuracy(head(fte), data.y_test),
+        test_logits = head(fte)
+        return {"valid_accuracy": accuracy(head(fva), data.y_valid), "test_accuracy": accuracy(test_logits, data.y_test),
+                **topk_results(cfg, test_logits, data.y_test),
                 "head": {"kind": "linear (LayerNorm + Linear) on frozen features", **info}}
+
+
+@torch.no_grad()
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of samples whose label is among the k highest logits (ties: torch.topk's pick)."""
+    if not labels.numel():
+        return float("nan")
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return float((top == labels[:, None]).any(1).float().mean().item())
+
+
+def topk_results(cfg: TrainConfig, test_logits: torch.Tensor, test_labels: torch.Tensor) -> Dict[str, float]:
+    """``{"test_top{k}_accuracy": ...}`` when --topk k was asked for, else nothing."""
+    if cfg.topk is None:
+        return {}
+    return {f"test_top{cfg.topk}_accuracy": topk_accuracy(test_logits, test_labels, cfg.topk)}

@@ -1,0 +1,188 @@
+"""The Triton launchers as operators torch.ops.ffkern_triton::* (schemas, fake impls, autograd).
+
+torch.compile(fullgraph=True) cannot trace a launcher (it reads data pointers, the user's matmul
+precision, caches constant tensors), so the backend calls them as operators: Dynamo records an
+opaque call with the output shapes of the fake impl, and the launcher runs at run time (so the
+matmul precision is also read when the kernel runs, not when the graph was traced). The same
+operators run in eager mode: one path. Autograd and the refusal of the other modes:
+ffkern._op_autograd, as for the "cpp" backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from ffkern._op_autograd import OperatorAutograd
+from ffkern._supcon_function import backward_coefficients
+
+from . import ff_goodness as FG
+from . import marginal_supcon as SC
+
+NAMESPACE = "ffkern_triton"
+_lib = torch.library.Library(NAMESPACE, "DEF")
+_SCHEMAS = {
+    # x contiguous; labels int32/int64 (kernel_labels); norm: row norms (fp32/fp64) when the kernels
+    # normalize, None for rows given normalized
+    "supcon_rows": "supcon_rows(Tensor x, Tensor labels, Tensor? norm, float temperature, float margin)"
+                   " -> (Tensor, Tensor, Tensor, Tensor)",
+    "supcon_rows_backward": "supcon_rows_backward(Tensor x, Tensor labels, Tensor? norm, Tensor lse, Tensor a,"
+                            " Tensor b, float temperature, float margin) -> Tensor",
+    "goodness": "goodness(Tensor h, str kind, int skip_tokens) -> Tensor",
+    "goodness_backward": "goodness_backward(Tensor grad, Tensor h, str kind, int skip_tokens) -> Tensor",
+    # outputs: the loss and the per-sample coefficients its backward needs ([4, B])
+    "pair_loss": "pair_loss(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens)"
+                 " -> (Tensor, Tensor)",
+    "pair_loss_backward": "pair_loss_backward(Tensor grad, Tensor h_pos, Tensor h_neg, Tensor coef, str loss,"
+                          " str kind, int skip_tokens) -> (Tensor, Tensor)",
+}
+
+
+def _impl(name):
+    def register(fn):
+        _lib.define(_SCHEMAS[name])
+        for key in ("CPU", "CUDA"):  # CPU: the interpreter (TRITON_INTERPRET=1)
+            _lib.impl(name, fn, key)
+        return fn
+
+    return register
+
+
+def _pair_norm(loss: str, batch: int) -> float:
+    return 1.0 / batch if loss == "symba" else 0.5 / batch  # mean over B (SymBa) or the 2B values
+
+
+@_impl("supcon_rows")
+def _supcon_rows(x, labels, norm, temperature, margin):
+    return SC.supcon_forward(x, labels, x, labels, 0, temperature, margin, norm, norm)
+
+
+@_impl("supcon_rows_backward")
+def _supcon_rows_backward(x, labels, norm, lse, a, b, temperature, margin):
+    dx = SC.supcon_backward(x, labels, x, labels, 0, lse, a, b, lse, a, b, temperature, margin, norm, norm)
+    return dx.to(x.dtype)
+
+
+@_impl("goodness")
+def _goodness(h, kind, skip_tokens):
+    return FG.forward(FG.GOODNESS, h, None, None, kind, skip_tokens)[0]
+
+
+@_impl("goodness_backward")
+def _goodness_backward(grad, h, kind, skip_tokens):
+    gscale = FG.goodness_scale(kind, h.shape[-1])
+    c = (grad * (2.0 * gscale)).contiguous()  # dg/dhbar_d = 2 gscale hbar_d
+    one = torch.ones(1, dtype=c.dtype, device=c.device)
+    return FG.backward(h, c, c, one, skip_tokens, h.shape[-1])
+
+
+@_impl("pair_loss")
+def _pair_loss(h_pos, h_neg, loss, param, kind, skip_tokens):
+    terms, coef, _split, _ = FG.forward(FG.LOSS_IDS[loss], h_pos, h_neg, param, kind, skip_tokens)
+    return terms.sum() * _pair_norm(loss, terms.shape[0]), coef
+
+
+@_impl("pair_loss_backward")
+def _pair_loss_backward(grad, h_pos, h_neg, coef, loss, kind, skip_tokens):
+    split = FG.split_of(FG.LOSS_IDS[loss], h_pos.shape[-1])
+    scale = (grad.to(coef.dtype) * _pair_norm(loss, h_pos.shape[0])).reshape(1)
+    return (FG.backward(h_pos, coef[0], coef[1], scale, skip_tokens, split),
+            FG.backward(h_neg, coef[2], coef[3], scale, skip_tokens, split))
+
+
+# ---- fake implementations: output shapes and dtypes only ------------------------------------------
+
+
+def _stat(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake(f"{NAMESPACE}::supcon_rows")
+def _supcon_rows_fake(x, labels, norm, temperature, margin):
+    n, st = x.shape[0], _stat(x.dtype)
+    return (x.new_empty(n, dtype=st), x.new_empty(n, dtype=st), x.new_empty(n, dtype=torch.int32),
+            x.new_empty(n, dtype=torch.int32))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::supcon_rows_backward")
+def _supcon_rows_backward_fake(x, labels, norm, lse, a, b, temperature, margin):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::goodness")
+def _goodness_fake(h, kind, skip_tokens):
+    return h.new_empty(h.shape[0], dtype=_stat(h.dtype))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::goodness_backward")
+def _goodness_backward_fake(grad, h, kind, skip_tokens):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::pair_loss")
+def _pair_loss_fake(h_pos, h_neg, loss, param, kind, skip_tokens):
+    st = _stat(h_pos.dtype)
+    return h_pos.new_empty((), dtype=st), h_pos.new_empty((4, h_pos.shape[0]), dtype=st)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::pair_loss_backward")
+def _pair_loss_backward_fake(grad, h_pos, h_neg, coef, loss, kind, skip_tokens):
+    return (torch.empty_like(h_pos, memory_format=torch.contiguous_format),
+            torch.empty_like(h_neg, memory_format=torch.contiguous_format))
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+_autograd = OperatorAutograd("triton", NAMESPACE)
+for _name in ("supcon_rows_backward", "goodness_backward", "pair_loss_backward"):
+    _autograd.register_no_derivative(_name)
+
+
+def _supcon_rows_setup(ctx, inputs, output):
+    x, labels, norm, temperature, margin = inputs
+    _loss, lse, num_pos, _clipped = output
+    ctx.save_for_backward(x, labels, norm, lse, num_pos)
+    ctx.temperature, ctx.margin = temperature, margin
+
+
+def _supcon_rows_grad(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
+    """SPEC 1.3: a_i = g_i w_i / tau (+ the lse output's gradient / tau, which enters a_i only,
+    since d lse_i / d s_ij = kappa_ij p_ij / tau), b_i = g_i w_i / (tau |P(i)|)."""
+    x, labels, norm, lse, num_pos = ctx.saved_tensors
+    tau = ctx.temperature
+    grad_loss = torch.zeros_like(lse) if grad_loss is None else grad_loss.to(lse.dtype)
+    a, b = backward_coefficients(grad_loss, num_pos, tau)
+    if grad_lse is not None:
+        a = (a + grad_lse.to(lse.dtype) / tau).contiguous()
+    dx = torch.ops.ffkern_triton.supcon_rows_backward(x, labels, norm, lse, a, b, tau, ctx.margin)
+    return dx, None, None, None, None
+
+
+_autograd.register("supcon_rows", _supcon_rows_grad, setup_context=_supcon_rows_setup)
+
+
+def _goodness_setup(ctx, inputs, output):
+    h, kind, skip_tokens = inputs
+    ctx.save_for_backward(h)
+    ctx.kind, ctx.skip_tokens = kind, skip_tokens
+
+
+def _goodness_grad(ctx, grad):
+    (h,) = ctx.saved_tensors
+    return torch.ops.ffkern_triton.goodness_backward(grad, h, ctx.kind, ctx.skip_tokens), None, None
+
+
+_autograd.register("goodness", _goodness_grad, setup_context=_goodness_setup)
+
+
+def _pair_loss_setup(ctx, inputs, output):
+    h_pos, h_neg, loss, _param, kind, skip_tokens = inputs
+    ctx.save_for_backward(h_pos, h_neg, output[1])
+    ctx.options = (loss, kind, skip_tokens)
+
+
+def _pair_loss_grad(ctx, grad, _grad_coef):
+    h_pos, h_neg, coef = ctx.saved_tensors
+    d_pos, d_neg = torch.ops.ffkern_triton.pair_loss_backward(grad, h_pos, h_neg, coef, *ctx.options)
+    return d_pos, d_neg, None, None, None, None
+
+
+_autograd.register("pair_loss", _pair_loss_grad, setup_context=_pair_loss_setup)
