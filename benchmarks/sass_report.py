@@ -209,6 +209,27 @@ def supcon_verdict(rows):
     return lines
 
 
+def cuda_supcon_verdict(rows):
+    """The same targets for the C++/CUDA mma kernels (whole rows resident for D = 128)."""
+    lines = []
+    for dtype in ("__nv_bfloat16", "__half"):
+        try:
+            fwd = next(r for r in rows if r["kernel"] == f"supcon_kernels.cu:supcon_forward_mma<{dtype}, 128>")
+            bwd = next(r for r in rows if r["kernel"] == f"supcon_kernels.cu:supcon_backward_mma<{dtype}, 128>")
+        except StopIteration:
+            continue
+        per_pair = fwd["hot_loop"]["per_pair"] + bwd["hot_loop"]["per_pair"]
+        alu = fwd["hot_loop"]["by_pipe"].get("alu", 0) + bwd["hot_loop"]["by_pipe"].get("alu", 0)
+        spills = sum(r.get(k, 0) for r in (fwd, bwd) for k in ("spill_stores", "spill_loads"))
+        ctas = min(fwd["ctas_per_sm"], bwd["ctas_per_sm"])
+        ok = (per_pair <= SUPCON_TARGETS["per_pair"] and alu <= SUPCON_TARGETS["alu_per_pair"] and not spills
+              and ctas >= SUPCON_TARGETS["min_ctas"])
+        lines.append(f"cpp CUDA SupCon {dtype.strip('_')} D=128 fwd+bwd: {per_pair:.1f} issued/pair (target <= 60), "
+                     f"{alu:.1f} on the alu pipe (<= 30), spills {spills} B (0), CTAs/SM {ctas} (>= 2): "
+                     f"{'MET' if ok else 'NOT MET'}")
+    return lines
+
+
 def format_table(rows):
     out = [f"{'kernel':58s} {'regs':>4s} {'spill':>9s} {'smem':>7s} {'cta':>3s} {'/pair':>6s}  pipes per pair"]
     for r in rows:
@@ -258,7 +279,8 @@ def main(argv=None):
                                                            text=True).stdout.strip().splitlines()[-1]
     header = (f"sm_{CAPABILITY}a static report: triton {triton.__version__}, torch {torch.__version__}"
               f"{', ' + nvcc_version if nvcc_version else ''}")
-    text = "\n".join([header, "", *supcon_verdict(rows), "", "Triton kernels", format_table(rows), "",
+    text = "\n".join([header, "", *supcon_verdict(rows), *cuda_supcon_verdict(cuda), "", "Triton kernels",
+                      format_table(rows), "",
                       "C++/CUDA kernels (nvcc)", format_table(cuda) if cuda else "(skipped)"])
     print(text)
     if args.out is not None:
