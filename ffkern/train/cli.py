@@ -14,6 +14,22 @@ _SCHEDULES = ("linear", "parabolic", "cosine", "exponential", "constant")
 # which checks them again for callers of the Python API).
 _POSITIVE, _COUNT = int_at_least(1), int_at_least(0)
 _RATE, _NONNEG, _MARGIN = real(0.0, low_open=True), real(0.0), real(0.0, 2.0)
+_DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "folder")  # data.NAMED_DATASETS
+
+
+def _randaug(text: str):
+    """argparse type of --randaug N,M."""
+    parts = text.split(",")
+    try:
+        n, m = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N,M (ops per sample, magnitude 0..30), e.g. 2,9; got {text!r}") from None
+    if n < 1 or not 0 <= m <= 30:
+        raise argparse.ArgumentTypeError(f"needs N >= 1 and 0 <= M <= 30, got {text}")
+    return n, m
+
+
+_randaug.__name__ = "N,M"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -23,7 +39,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "SupCon, margins 0.4 -> 0.1) on MLP[500 3] with scikit-learn's bundled digits.")
     p.add_argument("--method", choices=_METHODS, default="cff", help="training algorithm (default: cff; bp: the end-to-end cross-entropy baseline)")
     p.add_argument("--model", choices=("mlp", "vit"), default="mlp", help="MLP[E L] or ViT[E H L] (default: mlp)")
-    p.add_argument("--dataset", default="digits", help="'digits' (default) or a .npz with x_train, y_train, x_test, y_test")
+    p.add_argument("--dataset", default="digits",
+                   help="'digits' (default), a .npz with x_train, y_train, x_test, y_test, or one of "
+                        f"{', '.join(_DATASETS)} read from the published files in --data-dir")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="the folder with the named dataset's files as published: IDX files (mnist, fashion-mnist),"
+                        " cifar-10-batches-py/ or cifar-10-python.tar.gz (and CIFAR-100's), train_32x32.mat and"
+                        " test_32x32.mat (svhn), train/<class>/*.png and test/<class>/... (folder)")
     p.add_argument("--epochs", type=_POSITIVE, default=None, help="stage-1 epochs (default: per method and model)")
     p.add_argument("--batch-size", type=_POSITIVE, default=128, help="default: 128")
     p.add_argument("--seed", type=_COUNT, default=0, help="seeds the split, the weights and every random draw (default: 0)")
@@ -40,11 +62,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=_RATE, default=None, help="AdamW learning rate of every layer (default: per method and model)")
     g.add_argument("--weight-decay", type=_NONNEG, default=0.0, help="AdamW weight decay (default: 0)")
     g.add_argument("--views", type=int, choices=(1, 2), default=2, help="CFF views per batch (default: 2; 1: one-forward mode)")
-    g.add_argument("--shift", type=_COUNT, default=None,
-                   help="augmentation: max random shift in pixels, 0: off (default: 0 below 16x16 images, else side/8)")
-    g.add_argument("--noise", type=_NONNEG, default=0.2, help="augmentation: Gaussian noise std on standardized inputs (0: off)")
     g.add_argument("--head-epochs", type=_POSITIVE, default=30, help="stage-2 linear head epochs (default: 30)")
     g.add_argument("--head-lr", type=_RATE, default=1e-2, help="default: 0.01")
+    g = p.add_argument_group("augmentation (on the device, per sample; two independent views for cff)")
+    g.add_argument("--crop-pad", "--shift", dest="crop_pad", type=_COUNT, default=None, metavar="PIXELS",
+                   help="random crop of the image zero-padded this much each side, 0: off (default: 0 below 16x16"
+                        " images, else side/8, 4 for 32x32); --shift is its older name")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on for RGB images, off for one channel: digits, MNIST)")
+    g.add_argument("--rotate", type=real(0.0, 180.0), default=0.0, metavar="DEG",
+                   help="random rotation in [-DEG, DEG] degrees (default 0: off; the Trifecta uses 15)")
+    g.add_argument("--randaug", type=_randaug, default=None, metavar="N,M",
+                   help="RandAugment: N random ops per sample at magnitude M of 30, e.g. 2,9 (default: off)")
+    g.add_argument("--noise", type=_NONNEG, default=0.2, help="Gaussian noise std on standardized inputs (0: off)")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--label-noise", type=real(0.0, 1.0), default=0.0, metavar="P",
+                   help="give this fraction of the training labels a uniformly random other class (seeded; default 0)")
+    g.add_argument("--train-fraction", type=real(0.0, 1.0, low_open=True), default=1.0, metavar="F",
+                   help="train on a seeded stratified fraction F of the training split (default 1)")
+    g.add_argument("--topk", type=_POSITIVE, default=None, metavar="K",
+                   help="also report the top-K test accuracy (metrics: test_topK_accuracy)")
     g = p.add_argument_group("losses")
     g.add_argument("--temperature", type=_RATE, default=0.15, help="CFF temperature tau (default: 0.15)")
     g.add_argument("--margin-schedule", dest="schedule", choices=_SCHEDULES, default="linear",
@@ -90,8 +127,8 @@ def prepare(args: argparse.Namespace):
     something known at its start): the options, the output files, the device, the dataset and
     its fit with the model, the loss backend. Raises UsageError; returns (config, dataset)."""
     from .._backend import BackendUnavailable, resolve
-    from .data import load_dataset
-    from .trainer import TrainConfig, check_compatible, check_device_options, pick_device
+    from .data import MissingDependency, apply_protocol, load_dataset
+    from .trainer import TrainConfig, build_augment, check_compatible, check_device_options, pick_device
 
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     config = TrainConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
@@ -104,10 +141,14 @@ def prepare(args: argparse.Namespace):
             check_pipeline(cfg, world_size_from_env())  # every rank refuses alike, before any talks
         device = pick_device(cfg.device)
         check_device_options(cfg, device)
-    with as_usage_error(ValueError, FileNotFoundError, prefix="--dataset: "):
-        data = load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction)
+    with as_usage_error(ValueError, FileNotFoundError, MissingDependency, prefix="--dataset: "):
+        data = load_dataset(cfg.dataset, cfg.seed, cfg.valid_fraction, data_dir=cfg.data_dir)
     with as_usage_error():
+        data = apply_protocol(data, seed=cfg.seed, label_noise=cfg.label_noise, train_fraction=cfg.train_fraction)
+        if cfg.topk is not None and cfg.topk > data.num_classes:
+            raise UsageError(f"--topk {cfg.topk} is more than the {data.num_classes} classes of dataset {data.name}")
         check_compatible(cfg, data)
+        build_augment(cfg, data)  # e.g. --randaug on data of unknown pixel scale
     # Last: "auto" may build the C++ backend on first use (a minute), not worth it for a run
     # that is refused anyway.
     with as_usage_error(ValueError, BackendUnavailable, prefix=f"--backend {cfg.backend}: "):
