@@ -63,5 +63,15 @@ FFKERN_ALWAYS_INLINE float exp(float x) {
 // float64 keeps the library exp (exact to the last ulp; used by gradcheck).
 FFKERN_ALWAYS_INLINE double exp(double x) { return std::exp(x); }
 
+// float32 -> bfloat16 bits, rounded to nearest even (as c10::BFloat16 rounds); NaN stays a quiet
+// NaN. Integer ops only, so that a conversion loop vectorizes.
+FFKERN_ALWAYS_INLINE uint16_t to_bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+  return (x != x) ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded >> 16);
+}
+
+
 }  // namespace simd
 }  // namespace ffkern
