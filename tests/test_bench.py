@@ -171,6 +171,54 @@ def test_disagreement_is_flagged():
     assert by["compile"]["agrees"] is False and report.disagreements(res) == [by["compile"]]
 
 
+def test_figures_taken_under_load_are_marked():
+    """A ratio with a figure slowed by other processes is marked, not printed as a plain speed-up
+    (seen: cpp shown 12x slower than the reference at N=512 while other jobs ran)."""
+    quiet = {"under_load": False, "other_processes_cores": 0.01}
+    busy = {"under_load": True, "other_processes_cores": 1.3}
+    rows = [dict(kind="supcon", provider=p, mode="fwd", dtype="float32", d=8, n=64, status="ok", time_s=t, rate=1e9,
+                 work_unit="flop", loss_value=2.0, grad_norm=None, ceiling="matmul_fp32", load=load)
+            for p, t, load in (("reference", 1.0, quiet), ("cpp", 12.0, busy), ("compile", 0.5, quiet))]
+    meta = {"tag": "t", "device": "cpu", "date": "today", "torch": "x", "triton": None,
+            "settings": {"fp32_precision": "highest"}, "ceilings_load": busy}
+    res = report.add_derived({"meta": meta, "ceilings": {}, "supcon": rows, "ff": []})
+    by = {r["provider"]: r for r in res["supcon"]}
+    assert by["cpp"]["under_load"] is True and by["cpp"]["speedup_under_load"] is True
+    assert by["compile"]["under_load"] is False and by["compile"]["speedup_under_load"] is False
+    table = report.format_table(res)
+    line = next(l for l in table.splitlines() if l.startswith("cpp"))
+    assert "0.08x?" in line and "UNDER LOAD (other processes: 1.30 cores)" in line
+    assert "?: one of the two figures of this ratio was taken while other processes" in table
+    assert "the ceilings were measured under load" in table
+
+
+def test_load_probe_counts_other_processes_only(monkeypatch):
+    """Busy time of the machine minus this process tree's, over the wall time (scripted readings)."""
+    from ffkern.bench import machine_load as ml
+
+    busy, mine, clock = iter([100.0, 103.0]), iter([50.0, 51.0]), iter([10.0, 12.0])
+    monkeypatch.setattr(ml, "_machine_busy_s", lambda: next(busy))
+    monkeypatch.setattr(ml, "_tree_cpu_s", lambda pid: next(mine))
+    monkeypatch.setattr(ml.time, "perf_counter", lambda: next(clock))
+    with ml.LoadProbe() as probe:
+        pass
+    assert probe.result["other_processes_cores"] == pytest.approx(1.0)  # (3 - 1) s over 2 s
+    assert probe.result["under_load"] is True and "1.00 cores" in ml.describe(probe.result)
+    busy, mine, clock = iter([100.0, 103.0]), iter([50.0, 52.98]), iter([10.0, 12.0])
+    with ml.LoadProbe() as probe:  # all of it ours: quiet
+        pass
+    assert probe.result["under_load"] is False and ml.describe(probe.result) == ""
+
+
+def test_load_probe_reads_this_machine():
+    from ffkern.bench.machine_load import LoadProbe
+
+    with LoadProbe() as probe:
+        sum(range(200000))
+    if os.path.exists("/proc/stat"):
+        assert probe.result["other_processes_cores"] >= 0 and probe.result["under_load"] in (True, False)
+
+
 def test_quick_cli_writes_every_report_file(tmp_path, capsys):
     from ffkern.cli import main
 

@@ -20,7 +20,7 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,17 +71,25 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def _timed_steps(step, cfg: E2EConfig, device) -> List[float]:
-    for _ in range(cfg.warmup):
-        step()
+def _timed(step, device) -> float:
+    t0 = time.perf_counter()
+    step()
     _sync(device)
-    times = []
+    return time.perf_counter() - t0
+
+
+def _alternating_steps(first, second, cfg: E2EConfig, device) -> Tuple[List[float], List[float]]:
+    """Warm-up, then timed steps of the two loops in turn (first, second, first, ...), so that a
+    change in the machine's load during the run slows both alike instead of one of them."""
+    for _ in range(cfg.warmup):
+        first()
+        second()
+    _sync(device)
+    times_first, times_second = [], []
     for _ in range(cfg.steps):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+        times_first.append(_timed(first, device))
+        times_second.append(_timed(second, device))
+    return times_first, times_second
 
 
 def run_e2e(cfg: E2EConfig, device: torch.device) -> Dict:
@@ -129,10 +137,9 @@ def run_e2e(cfg: E2EConfig, device: torch.device) -> Dict:
 
     first_paper = [float(v) for v in paper_step()]  # step 0: identical weights
     first_ffkern = [float(v) for v in ffkern_step()]
-    ffkern_times = _timed_steps(ffkern_step, cfg, device)
-    last_ffkern = [float(v) for v in ffkern_step()]
-    paper_times = _timed_steps(paper_step, cfg, device)
+    paper_times, ffkern_times = _alternating_steps(paper_step, ffkern_step, cfg, device)
     last_paper = [float(v) for v in paper_step()]
+    last_ffkern = [float(v) for v in ffkern_step()]
     t_paper, t_ffkern = statistics.median(paper_times), statistics.median(ffkern_times)
     steps_done = 2 + cfg.warmup + cfg.steps
     return {
@@ -146,5 +153,5 @@ def run_e2e(cfg: E2EConfig, device: torch.device) -> Dict:
         "first_step_max_abs_diff": max(abs(a - b) for a, b in zip(first_paper, first_ffkern)),
         "last_step_index": steps_done - 1,
         "timing_method": f"time.perf_counter per step{' with torch.cuda.synchronize' if device.type == 'cuda' else ''}, "
-                         f"median of {cfg.steps} after {cfg.warmup} warm-up",
+                         f"median of {cfg.steps} after {cfg.warmup} warm-up, paper-style and ffkern steps alternating",
     }

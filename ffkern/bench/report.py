@@ -19,11 +19,12 @@ from .devinfo import slug
 AGREEMENT_TOL = {"float32": 1e-4, "bfloat16": 3e-2}
 SUPCON_COLUMNS = ["provider", "mode", "dtype", "d", "n", "status", "time_s", "min_s", "rate", "work", "work_unit", "ceiling",
                   "ceiling_value", "fraction", "speedup_vs_reference", "mem_bytes", "mem_beyond_io_bytes",
-                  "predicted_mem_bytes", "copies", "loss_value", "grad_norm", "loss_rel_diff", "agrees", "reason"]
+                  "predicted_mem_bytes", "copies", "loss_value", "grad_norm", "loss_rel_diff", "agrees", "under_load",
+                  "other_processes_cores", "reason"]
 FF_COLUMNS = ["provider", "loss_kind", "mode", "dtype", "d", "b", "size", "status", "time_s", "min_s", "rate", "work",
               "work_unit", "ceiling", "ceiling_value", "fraction", "speedup_vs_reference", "mem_bytes",
               "mem_beyond_io_bytes", "predicted_mem_bytes", "copies", "loss_value", "grad_norm", "loss_rel_diff", "agrees",
-              "reason"]
+              "under_load", "other_processes_cores", "reason"]
 
 
 def _key(row: Dict):
@@ -42,12 +43,16 @@ def add_derived(results: Dict) -> Dict:
         ref = {_key(r): r for r in results.get(kind, []) if r["provider"] == "reference" and r.get("status") == "ok"}
         for row in results.get(kind, []):
             r = ref.get(_key(row))
+            load = row.get("load") or {}
+            row["under_load"], row["other_processes_cores"] = load.get("under_load"), load.get("other_processes_cores")
             row["speedup_vs_reference"] = None
             row["loss_rel_diff"] = None
             row["agrees"] = None
             if row.get("status") != "ok" or r is None:
                 continue
             row["speedup_vs_reference"] = r["time_s"] / row["time_s"]
+            # a ratio of two figures of which one was slowed by other processes says little
+            row["speedup_under_load"] = bool(row["under_load"] or (r.get("load") or {}).get("under_load"))
             diffs = [d for d in (_rel(row.get("loss_value"), r.get("loss_value")), _rel(row.get("grad_norm"), r.get("grad_norm")))
                      if d is not None]
             row["loss_rel_diff"] = max(diffs) if diffs else None
@@ -96,6 +101,9 @@ def format_table(results: Dict) -> str:
              f"triton {meta['triton']} | fp32 matmul precision {meta['settings']['fp32_precision']}"]
     if meta.get("note"):
         lines.append(f"note: {meta['note']}")
+    if (meta.get("ceilings_load") or {}).get("under_load"):
+        lines.append(f"the ceilings were measured under load (other processes: "
+                     f"{meta['ceilings_load']['other_processes_cores']:.2f} cores): fractions of them are doubtful")
     for key, c in ceilings.items():
         value = f"{c['value'] / 1e12:.3f} TFLOP/s" if c["unit"] == "flop/s" else f"{c['value'] / 1e9:.1f} GB/s"
         lines.append(f"ceiling {key}: {value} ({c['what']})")
@@ -118,9 +126,15 @@ def format_table(results: Dict) -> str:
                     lines.append(f"{row['provider']:10s} {size_txt:>9s} {row['status']}: {row.get('reason')}")
                     continue
                 note = "" if row.get("agrees") is not False else f"DISAGREES with reference (rel diff {row['loss_rel_diff']:.2e})"
+                if row.get("under_load"):
+                    note += f"{'; ' if note else ''}UNDER LOAD (other processes: {row['other_processes_cores']:.2f} cores)"
+                speedup = _x(row.get("speedup_vs_reference")) + ("?" if row.get("speedup_under_load") else "")
                 lines.append(f"{row['provider']:10s} {size_txt:>9s} {_t(row['time_s']):>10s} {_rate(row):>11s} "
                              f"{_pct(row.get('fraction')):>8s} {_b(row.get('mem_bytes')):>10s} "
-                             f"{_x(row.get('speedup_vs_reference')):>7s}  {note}")
+                             f"{speedup:>7s}  {note}")
+    if any(r.get("speedup_under_load") for kind in ("supcon", "ff") for r in results.get(kind, [])):
+        lines += ["", "?: one of the two figures of this ratio was taken while other processes kept the CPU busy"
+                      " (ffkern.bench.machine_load); measure again on a quiet machine"]
     e2e = results.get("e2e")
     if e2e:
         lines += ["", *format_e2e(e2e)]
@@ -136,6 +150,9 @@ def format_e2e(e2e: Dict) -> List[str]:
              f"  paper-style (two forwards per layer, plain PyTorch loss): {_t(p['step_s'])} per step",
              f"  ffkern trainer (one forward of both views, fused loss{', bf16 autocast' if c.get('ffkern_bf16') else ''}"
              f"{', compiled layers' if c.get('ffkern_compile') else ''}): {_t(f['step_s'])} per step  ({e2e['speedup']:.2f}x)",
+             *([f"  UNDER LOAD: other processes kept {e2e['load']['other_processes_cores']:.2f} cores busy during these steps"
+                f" (the steps alternate, so both sides saw it; the ratio is still doubtful)"]
+               if (e2e.get("load") or {}).get("under_load") else []),
              f"  {'layer':>5s} {'margin':>7s} {'paper step 0':>13s} {'ffkern step 0':>14s} {'|diff|':>9s} "
              f"{'paper step ' + str(e2e['last_step_index']):>14s} {'ffkern step ' + str(e2e['last_step_index']):>15s}"]
     for l, m in enumerate(e2e["margins"]):

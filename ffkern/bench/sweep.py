@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .._cliargs import path_component
 from .ceilings import ceiling_key
 from .e2e import E2EConfig
+from .machine_load import LoadProbe, describe
 from .providers import FF_LOSSES, FUSED, PROVIDERS, TRITON_NEEDS_CUDA
 from .worker import WorkerClient, WorkerDied
 from .workload import (DTYPES, MODES, ff_bytes, ff_input_bytes, predicted_extra_bytes, scaled, supcon_flops,
@@ -196,10 +197,14 @@ class Sweep:
             if not w.init.get("ok"):
                 raise RuntimeError(f"the measuring worker could not start on {self.device}: {w.init.get('reason')}")
             self.info = w.init["info"]
-            answer = w.request({"op": "ceilings", "quick": c.quick_ceilings})
+            with LoadProbe() as ceiling_probe:
+                answer = w.request({"op": "ceilings", "quick": c.quick_ceilings})
         if not answer.get("ok"):
             raise RuntimeError(f"the ceilings could not be measured: {answer.get('reason')}")
         self.ceilings = answer["ceilings"]
+        if ceiling_probe.result.get("under_load"):  # every fraction of a ceiling inherits it
+            self.log(f"  the ceilings were measured under load{describe(ceiling_probe.result)}: fractions of them"
+                     f" are doubtful")
         for key, v in self.ceilings.items():
             unit = "TFLOP/s" if v["unit"] == "flop/s" else "GB/s"
             scale = 1e12 if v["unit"] == "flop/s" else 1e9
@@ -225,6 +230,7 @@ class Sweep:
                 "torch": self.info.get("torch"), "triton": _version("triton"), "ffkern": _version("ffkern"),
                 "python": platform.python_version(), "git_commit": _git_commit(), "command": " ".join(sys.argv),
                 "note": c.note, "load_average_start": load_start, "load_average_end": _loadavg(),
+                "ceilings_load": ceiling_probe.result,
                 "memory_limit_bytes": self.mem_limit, "settings": _settings(c),
             },
             "ceilings": self.ceilings, "providers": providers, "supcon": rows["supcon"], "ff": rows["ff"], "e2e": e2e,
@@ -319,7 +325,9 @@ class Sweep:
                    "warmup": c.warmup, "repeats": c.repeats, "max_call_total_s": max(c.max_call_s, 1.0) * 2,
                    "warmup_ms": c.warmup_ms, "rep_ms": c.rep_ms}
         try:
-            answer = worker.request(request)
+            with LoadProbe() as probe:
+                answer = worker.request(request)
+            row["load"] = probe.result
         except WorkerDied as exc:
             answer = {"ok": False, "status": "failed", "reason": f"worker died: {exc}"}
             try:
@@ -339,7 +347,8 @@ class Sweep:
         series.last = {"size": size, "time_s": row["time_s"], "mem_bytes": row.get("mem_bytes")}
         self.log(f"{label}: {_fmt_time(row['time_s'])}, {_fmt_rate(row['rate'], unit)}"
                  + (f" ({100 * row['fraction']:.1f}% of {key})" if row["fraction"] is not None else "")
-                 + (f", +{_fmt_bytes(row['mem_bytes'])}" if row.get("mem_bytes") is not None else ""))
+                 + (f", +{_fmt_bytes(row['mem_bytes'])}" if row.get("mem_bytes") is not None else "")
+                 + describe(row.get("load")))
         return row, worker
 
     def _run_e2e(self) -> Dict:
@@ -348,17 +357,17 @@ class Sweep:
         if self._budget_spent():
             return {"status": "skipped", "reason": f"the run's time budget (--max-total-s {self.cfg.max_total_s:g}) was spent"}
         try:
-            with self._worker(None) as w:
+            with self._worker(None) as w, LoadProbe() as probe:
                 answer = w.request({"op": "e2e", "config": asdict(cfg)})
         except WorkerDied as exc:
             answer = {"ok": False, "status": "failed", "reason": f"worker died: {exc}"}
         if not answer.get("ok"):
             self.log(f"e2e: {answer.get('status')}: {answer.get('reason')}")
             return {"status": answer.get("status", "failed"), "reason": answer.get("reason")}
-        out = dict(answer["e2e"], status="ok")
+        out = dict(answer["e2e"], status="ok", load=probe.result)
         self.log(f"e2e: paper-style {_fmt_time(out['paper_style']['step_s'])}/step, ffkern "
                  f"{_fmt_time(out['ffkern']['step_s'])}/step ({out['speedup']:.2f}x), "
-                 f"first-step losses max |diff| {out['first_step_max_abs_diff']:.2e}")
+                 f"first-step losses max |diff| {out['first_step_max_abs_diff']:.2e}" + describe(probe.result))
         return out
 
 
