@@ -11,6 +11,7 @@
 
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -22,7 +23,8 @@ namespace cpu {
 namespace {
 
 // Sum of squares of n values, in kLanes independent partial sums: the compiler vectorizes the
-// lanes without reassociating a float reduction (which it may not do without -ffast-math).
+// lanes without reassociating a float reduction (which it may not do without -ffast-math). The
+// order of the sums is fixed by the source, so every instruction-set clone gives the same bits.
 template <typename T, typename acc_t>
 FFKERN_ALWAYS_INLINE acc_t sum_squares(const T* x, int64_t n) {
   constexpr int kLanes = 16;
@@ -40,13 +42,20 @@ FFKERN_ALWAYS_INLINE acc_t sum_squares(const T* x, int64_t n) {
   return total;
 }
 
-// Token mean of one sample h [T, D] over tokens skip..T-1 into m [D]; returns E0 and E1
-// (E0 over the first D/2 features, E1 over the rest).
+// Energies E0 (first D/2 features) and E1 (the rest) of one sample h [T, D], from the token mean
+// over tokens skip..T-1. With a single token in the mean ([B, D], or [B, T, D] with skip = T-1) the
+// mean is that row itself: read in place, nothing copied. Otherwise the mean goes to m [D].
+// Returns the mean's address (the row, or m), which write_grad reads.
 template <typename in_t, typename acc_t>
-FFKERN_ALWAYS_INLINE void token_mean_energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m,
-                                              acc_t* e0, acc_t* e1) {
+FFKERN_ALWAYS_INLINE const void* sample_energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m,
+                                                 acc_t* e0, acc_t* e1) {
   const int64_t half = dim / 2;
   const in_t* first = h + skip * dim;
+  if (tokens - skip == 1 && std::is_same_v<in_t, acc_t>) {
+    *e0 = sum_squares<in_t, acc_t>(first, half);
+    *e1 = sum_squares<in_t, acc_t>(first + half, dim - half);
+    return first;
+  }
   for (int64_t d = 0; d < dim; ++d) m[d] = static_cast<acc_t>(first[d]);
   if (tokens - skip > 1) {
     for (int64_t t = skip + 1; t < tokens; ++t) {
@@ -58,24 +67,68 @@ FFKERN_ALWAYS_INLINE void token_mean_energies(const in_t* h, int64_t tokens, int
   }
   *e0 = sum_squares<acc_t, acc_t>(m, half);
   *e1 = sum_squares<acc_t, acc_t>(m + half, dim - half);
+  return m;
 }
 
 // dL/dh of one sample: dL/dE_half(d) * 2 m_d / T' for the mean's tokens, 0 for skipped ones.
+// mean: what sample_energies returned (in_t when it is the row itself, else acc_t).
 template <typename in_t, typename acc_t>
-FFKERN_ALWAYS_INLINE void write_grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const acc_t* m, acc_t d0,
-                                     acc_t d1) {
+FFKERN_ALWAYS_INLINE void write_grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean,
+                                     bool mean_is_row, acc_t d0, acc_t d1) {
   const int64_t half = dim / 2;
   const acc_t c0 = acc_t(2) * d0 / acc_t(tokens - skip), c1 = acc_t(2) * d1 / acc_t(tokens - skip);
   for (int64_t t = 0; t < skip; ++t) {
     in_t* row = dh + t * dim;
     for (int64_t d = 0; d < dim; ++d) row[d] = in_t(0);
   }
-  for (int64_t t = skip; t < tokens; ++t) {
-    in_t* row = dh + t * dim;
-    for (int64_t d = 0; d < half; ++d) row[d] = static_cast<in_t>(c0 * m[d]);
-    for (int64_t d = half; d < dim; ++d) row[d] = static_cast<in_t>(c1 * m[d]);
+  const auto fill = [&](const auto* m) {
+    for (int64_t t = skip; t < tokens; ++t) {
+      in_t* row = dh + t * dim;
+      for (int64_t d = 0; d < half; ++d) row[d] = static_cast<in_t>(c0 * static_cast<acc_t>(m[d]));
+      for (int64_t d = half; d < dim; ++d) row[d] = static_cast<in_t>(c1 * static_cast<acc_t>(m[d]));
+    }
+  };
+  if (mean_is_row) {
+    fill(static_cast<const in_t*>(mean));
+  } else {
+    fill(static_cast<const acc_t*>(mean));
   }
 }
+
+// The per-sample work as plain functions: float32 (the common case) gets one copy per instruction
+// set (FFKERN_CLONES, AVX-512 where the CPU has it; a portable build is SSE2 otherwise), the other
+// types the portable template.
+template <typename in_t, typename acc_t>
+struct Sample {
+  static const void* energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m, acc_t* e0,
+                              acc_t* e1) {
+    return sample_energies<in_t, acc_t>(h, tokens, dim, skip, m, e0, e1);
+  }
+  static void grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row, acc_t d0,
+                   acc_t d1) {
+    write_grad<in_t, acc_t>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
+  }
+};
+
+FFKERN_CLONES const void* energies_f32(const float* h, int64_t tokens, int64_t dim, int64_t skip, float* m, float* e0,
+                                       float* e1) {
+  return sample_energies<float, float>(h, tokens, dim, skip, m, e0, e1);
+}
+FFKERN_CLONES void grad_f32(float* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row,
+                            float d0, float d1) {
+  write_grad<float, float>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
+}
+template <>
+struct Sample<float, float> {
+  static const void* energies(const float* h, int64_t tokens, int64_t dim, int64_t skip, float* m, float* e0,
+                              float* e1) {
+    return energies_f32(h, tokens, dim, skip, m, e0, e1);
+  }
+  static void grad(float* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row, float d0,
+                   float d1) {
+    grad_f32(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
+  }
+};
 
 int64_t grain_for(int64_t per_sample) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, per_sample)); }
 
@@ -93,7 +146,7 @@ at::Tensor goodness(const at::Tensor& h_in, std::string kind, int64_t skip_token
       std::vector<acc_t> m(s.dim);
       for (int64_t b = b0; b < b1; ++b) {
         acc_t e0, e1;
-        token_mean_energies(hp + b * s.tokens * s.dim, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
+        Sample<scalar_t, acc_t>::energies(hp + b * s.tokens * s.dim, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
         gp[b] = (e0 + e1) * gscale;
       }
     });
@@ -120,9 +173,9 @@ at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, 
       for (int64_t b = b0; b < b1; ++b) {
         acc_t e0, e1;
         const int64_t off = b * s.tokens * s.dim;
-        token_mean_energies(hp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
+        const void* mean = Sample<scalar_t, acc_t>::energies(hp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
         const acc_t de = gr[b] * gscale;  // dL/dE = dL/dg * dg/dE for both halves
-        write_grad(dp + off, s.tokens, s.dim, skip_tokens, m.data(), de, de);
+        Sample<scalar_t, acc_t>::grad(dp + off, s.tokens, s.dim, skip_tokens, mean, mean != m.data(), de, de);
       }
     });
   });
@@ -148,8 +201,8 @@ at::Tensor pair_loss(const at::Tensor& hp_in, const at::Tensor& hn_in, std::stri
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t off = b * s.tokens * s.dim;
         acc_t e0p, e1p, e0n, e1n;
-        token_mean_energies(pp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0p, &e1p);
-        token_mean_energies(np + off, s.tokens, s.dim, skip_tokens, m.data(), &e0n, &e1n);
+        Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0p, &e1p);
+        Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, m.data(), &e0n, &e1n);
         terms[b] = pair_term<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n);
       }
     });
@@ -183,11 +236,11 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t off = b * s.tokens * s.dim;
         acc_t e0p, e1p, e0n, e1n, dp[2], dn[2];
-        token_mean_energies(pp + off, s.tokens, s.dim, skip_tokens, mp.data(), &e0p, &e1p);
-        token_mean_energies(np + off, s.tokens, s.dim, skip_tokens, mn.data(), &e0n, &e1n);
+        const void* mean_p = Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, mp.data(), &e0p, &e1p);
+        const void* mean_n = Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, mn.data(), &e0n, &e1n);
         pair_grad<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n, scale, dp, dn);
-        write_grad(dpp + off, s.tokens, s.dim, skip_tokens, mp.data(), dp[0], dp[1]);
-        write_grad(dnp + off, s.tokens, s.dim, skip_tokens, mn.data(), dn[0], dn[1]);
+        Sample<scalar_t, acc_t>::grad(dpp + off, s.tokens, s.dim, skip_tokens, mean_p, mean_p != mp.data(), dp[0], dp[1]);
+        Sample<scalar_t, acc_t>::grad(dnp + off, s.tokens, s.dim, skip_tokens, mean_n, mean_n != mn.data(), dn[0], dn[1]);
       }
     });
   });
