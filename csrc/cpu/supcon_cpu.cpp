@@ -152,6 +152,7 @@ void forward_impl(const at::Tensor& zr, const int32_t* yr, const at::Tensor& zcT
   const int64_t n = zr.size(0), n_all = zcT.size(1);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   const bool stub = stub_loops();
+  const T inv_tau = static_cast<T>(1.0 / static_cast<double>(temperature));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad;
     at::Tensor tile = at::empty({kRowBlock * kColBlock}, zr.options().dtype(c10::CppTypeToScalarType<T>::value));
@@ -171,14 +172,14 @@ void forward_impl(const at::Tensor& zr, const int32_t* yr, const at::Tensor& zcT
           const bool has_self = self >= 0 && self < cols;
           T tile_max = -std::numeric_limits<T>::infinity();
           if (has_self) {
-            logits_loop(l, yc + c0, 0, self, yr[r0 + i], margin, temperature, &tile_max, &st[i].pos_sum,
-                        &st[i].npos, &st[i].nclip);
-            logits_loop(l, yc + c0, self + 1, cols, yr[r0 + i], margin, temperature, &tile_max, &st[i].pos_sum,
+            logits_loop(l, yc + c0, 0, self, yr[r0 + i], margin, inv_tau, &tile_max, &st[i].pos_sum, &st[i].npos,
+                        &st[i].nclip);
+            logits_loop(l, yc + c0, self + 1, cols, yr[r0 + i], margin, inv_tau, &tile_max, &st[i].pos_sum,
                         &st[i].npos, &st[i].nclip);
             l[self] = -std::numeric_limits<T>::infinity();  // self pair excluded from the logsumexp
           } else {
-            logits_loop(l, yc + c0, 0, cols, yr[r0 + i], margin, temperature, &tile_max, &st[i].pos_sum,
-                        &st[i].npos, &st[i].nclip);
+            logits_loop(l, yc + c0, 0, cols, yr[r0 + i], margin, inv_tau, &tile_max, &st[i].pos_sum, &st[i].npos,
+                        &st[i].nclip);
           }
           const T new_max = std::max(st[i].max, tile_max);
           if (new_max == -std::numeric_limits<T>::infinity()) continue;  // no column yet (only self)
@@ -208,9 +209,11 @@ void backward_impl(const at::Tensor& zr, const int32_t* yr, const at::Tensor& zc
   const int64_t n = zr.size(0), n_all = zc.size(0), d = zr.size(1);
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
   const bool stub = stub_loops();
+  const T inv_tau = static_cast<T>(1.0 / static_cast<double>(temperature));
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad;
     at::Tensor tile = at::empty({kRowBlock * kColBlock}, dz.options());
+    std::vector<T> alpha_r(kRowBlock), alpha_c(kColBlock);  // a_i exp(L - lse_i) of the tile
     at::Tensor tile16;  // G rounded to the operand type (16-bit products only)
     if constexpr (!std::is_same_v<T, O>) tile16 = at::empty({kRowBlock * kColBlock}, zr.options());
     for (int64_t b = b0; b < b1; ++b) {
@@ -221,18 +224,35 @@ void backward_impl(const at::Tensor& zr, const int32_t* yr, const at::Tensor& zc
         at::Tensor s = tile.narrow(0, 0, rows * cols).view({rows, cols});
         similarity_tile<T, O>(zr, zcT, r0, rows, c0, cols, s);
         T* sp = s.data_ptr<T>();
+        // One exp per pair where the tile's lse values are close (always, for normalized features
+        // and tau >= 0.05), two otherwise (supcon_loops.h, pair_term_one_exp_range).
+        T lse_max = -std::numeric_limits<T>::infinity(), lse_min = std::numeric_limits<T>::infinity();
+        for (int64_t i = 0; i < rows; ++i) lse_max = std::max(lse_max, lse_r[r0 + i]), lse_min = std::min(lse_min, lse_r[r0 + i]);
+        for (int64_t j = 0; j < cols; ++j) lse_max = std::max(lse_max, lse_c[c0 + j]), lse_min = std::min(lse_min, lse_c[c0 + j]);
+        const bool one_exp = std::isfinite(lse_max) && std::isfinite(lse_min) &&
+                             static_cast<double>(lse_max) - static_cast<double>(lse_min) <= kOneExpSpread;
+        if (one_exp) {
+          for (int64_t i = 0; i < rows; ++i) alpha_r[i] = a_r[r0 + i] * std::exp(lse_max - lse_r[r0 + i]);
+          for (int64_t j = 0; j < cols; ++j) alpha_c[j] = a_c[c0 + j] * std::exp(lse_max - lse_c[c0 + j]);
+        }
         for (int64_t i = 0; i < rows && !stub; ++i) {
           T* l = sp + i * cols;
           const int64_t k = r0 + i;
           const int64_t self = row_offset + k - c0;
           const bool has_self = self >= 0 && self < cols;
-          const int64_t j_end = has_self ? self : cols;
-          pair_term_loop(l, yc + c0, lse_c + c0, a_c + c0, b_c + c0, 0, j_end, yr[k], lse_r[k], a_r[k], b_r[k],
-                         margin, temperature);
+          const auto sweep = [&](int64_t j0, int64_t j1) {
+            if (one_exp) {
+              pair_term_one_exp_loop(l, yc + c0, alpha_c.data(), b_c + c0, j0, j1, yr[k], alpha_r[i], b_r[k], lse_max,
+                                     margin, inv_tau);
+            } else {
+              pair_term_loop(l, yc + c0, lse_c + c0, a_c + c0, b_c + c0, j0, j1, yr[k], lse_r[k], a_r[k], b_r[k],
+                             margin, inv_tau);
+            }
+          };
+          sweep(0, has_self ? self : cols);
           if (has_self) {
             l[self] = T(0);  // no self pair
-            pair_term_loop(l, yc + c0, lse_c + c0, a_c + c0, b_c + c0, self + 1, cols, yr[k], lse_r[k], a_r[k],
-                           b_r[k], margin, temperature);
+            sweep(self + 1, cols);
           }
         }
         // dz_k += sum_j (G_kj + G_jk) z_j over this tile
