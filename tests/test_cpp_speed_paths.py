@@ -1,0 +1,127 @@
+"""The speed paths of the cpp CPU kernels (issue 14) are taken where they should be, and are accurate.
+
+  - 16-bit products: bfloat16/float16 features multiply as 16-bit BLAS operands (fp32 tile of s,
+    G rounded to 16 bits in the backward, fp16 G scaled by a power of two) where the CPU has units
+    for them, as fp32 otherwise; FFKERN_CPU_HALF_PRODUCTS=half|float forces either. Both are
+    compared here on any CPU (MKL emulates 16-bit products where there are no such units).
+  - one exp per pair in the backward where a tile's lse values are within 40 of each other, two
+    otherwise: both against the reference.
+No timing here: the speed figures come from benchmarks/cpp_cpu_goals.py.
+"""
+import pytest
+import torch
+
+import ffkern
+from ffkern import reference
+
+from test_cpp_ops import close, needs_tools, ops, rows  # noqa: F401  (ops is a fixture)
+
+pytestmark = needs_tools
+
+
+def _has(*capabilities):
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return any(caps.get(c) for c in capabilities)
+
+
+def supcon_fwd_bwd(ops, z, y, operand, tau=0.15, margin=0.4):
+    zz = z.clone().requires_grad_(True)
+    loss, lse, _, _ = ops.supcon_rows(zz, y, tau, margin, operand)
+    (loss.sum() + 0.5 * lse.sum()).backward()
+    return loss.detach(), lse.detach(), zz.grad
+
+
+@pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16], ids=str)
+def test_half_products_agree_with_float_products(ops, monkeypatch, operand):
+    """Forward: s is the same fp32 products of the same 16-bit values (sums in another order);
+    backward: only G's rounding to 16 bits differs, well inside the conformance tolerance."""
+    z, y = rows(1300, 40, torch.float32, classes=7, seed=11)  # crosses the 1024-column tile
+    monkeypatch.setenv("FFKERN_CPU_HALF_PRODUCTS", "float")
+    f_loss, f_lse, f_dz = supcon_fwd_bwd(ops, z, y, operand)
+    monkeypatch.setenv("FFKERN_CPU_HALF_PRODUCTS", "half")
+    h_loss, h_lse, h_dz = supcon_fwd_bwd(ops, z, y, operand)
+    close(h_loss, f_loss, 2e-5, "L")
+    close(h_lse, f_lse, 2e-5, "lse")
+    close(h_dz, f_dz, {torch.bfloat16: 1e-2, torch.float16: 2e-3}[operand] * f_dz.abs().max().item(), "dz")
+    assert not torch.equal(h_dz, f_dz), "forcing 16-bit products changed nothing: the path was not taken"
+    again = supcon_fwd_bwd(ops, z, y, operand)
+    for first, second in zip((h_loss, h_lse, h_dz), again):
+        assert torch.equal(first, second), "16-bit products must be bitwise reproducible run to run"
+
+
+def test_fp16_gradient_is_scaled_before_rounding(ops, monkeypatch):
+    """Coefficients of 1e-9 give G ~ 1e-12, below fp16's smallest subnormal: unscaled it would
+    round to zero. The power-of-two scale keeps dz accurate."""
+    z, y = rows(300, 24, torch.float32, classes=5, seed=12)
+    zh = z.to(torch.float16)
+    lse = reference.supcon_forward(zh.double(), y, zh.double(), y, 0, 0.15, 0.4)[1].float()
+    gen = torch.Generator().manual_seed(3)
+    a = torch.rand(300, generator=gen) * 1e-9
+    b = torch.rand(300, generator=gen) * 1e-9
+    args = (zh, y, zh, y, 0, lse, a, b, lse, a, b, 0.15, 0.4)
+    monkeypatch.setenv("FFKERN_CPU_HALF_PRODUCTS", "half")
+    got = ops.supcon_backward(*args)
+    expected = reference.supcon_backward(*(t.double() if torch.is_tensor(t) and t.is_floating_point() else t
+                                           for t in args))
+    assert got.abs().max() > 0
+    err = (got.double() - expected).abs().max().item() / expected.abs().max().item()
+    assert err < 2e-3, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("operand", [torch.bfloat16, torch.float16], ids=str)
+def test_automatic_choice_follows_the_cpu(ops, monkeypatch, operand):
+    """Without the variable, 16-bit products are used exactly where the CPU has bf16 (AMX or
+    AVX512-BF16) or fp16 (AMX-FP16) units; elsewhere the bits are those of the fp32 products."""
+    z, y = rows(600, 32, torch.float32, classes=5, seed=13)
+    monkeypatch.delenv("FFKERN_CPU_HALF_PRODUCTS", raising=False)
+    auto = supcon_fwd_bwd(ops, z, y, operand)
+    native = _has("amx_bf16", "avx512_bf16") if operand == torch.bfloat16 else _has("amx_fp16")
+    monkeypatch.setenv("FFKERN_CPU_HALF_PRODUCTS", "half" if native else "float")
+    forced = supcon_fwd_bwd(ops, z, y, operand)
+    for a, f in zip(auto, forced):
+        assert torch.equal(a, f)
+
+
+def test_bad_products_setting_is_an_error(ops, monkeypatch):
+    z, y = rows(10, 4, torch.bfloat16)
+    monkeypatch.setenv("FFKERN_CPU_HALF_PRODUCTS", "amx")
+    with pytest.raises(RuntimeError, match="FFKERN_CPU_HALF_PRODUCTS"):
+        ops.supcon_forward(z, y, z, y, 0, 0.15, 0.4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_backward_with_widely_spread_lse_takes_two_exps(ops, highest_precision, dtype):
+    """tau = 0.01 with some rows duplicated: their lse is ~100, that of the others far lower (a
+    spread above 40), so those tiles take the two-exp form; both forms against the reference."""
+    z, y = rows(400, 64, torch.float64, classes=3, seed=14)
+    z[200:260] = z[:60]  # exact duplicates: s = 1 for those pairs
+    z, y = z.to(dtype), y
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for tau in (0.01, 0.15):
+        lse = reference.supcon_forward(z, y, z, y, 0, tau, 0.2)[1]
+        if tau == 0.01:
+            assert (lse.max() - lse.min()).item() > 40
+        gen = torch.Generator().manual_seed(5)
+        a = torch.rand(400, generator=gen, dtype=torch.float64).to(dtype)
+        b = torch.rand(400, generator=gen, dtype=torch.float64).to(dtype)
+        args = (z[50:350], y[50:350], z, y, 50, lse[50:350], a[50:350], b[50:350], lse, a, b, tau, 0.2)
+        close(ops.supcon_backward(*args), reference.supcon_backward(*args), tol, f"dz tau={tau}")
+
+
+def test_public_bf16_loss_matches_reference_on_both_paths(monkeypatch):
+    """The public function in bf16 on either path, against the float64 reference (conformance
+    tolerance for bf16)."""
+    gen = torch.Generator().manual_seed(15)
+    x = torch.randn(300, 2, 48, generator=gen).to(torch.bfloat16)
+    y = torch.randint(0, 10, (300,), generator=gen)
+    xr = x.double().requires_grad_()
+    expected = ffkern.marginal_supcon_loss(xr, y, margin=0.4, backend="reference")
+    expected.backward()
+    for mode in ("half", "float"):
+        monkeypatch.setenv("FFKERN_CPU_HALF_PRODUCTS", mode)
+        xx = x.clone().requires_grad_()
+        got = ffkern.marginal_supcon_loss(xx, y, margin=0.4, backend="cpp")
+        got.backward()
+        assert abs(got.item() - expected.item()) <= 3e-2 * max(1.0, abs(expected.item()))
+        err = (xx.grad.double() - xr.grad).abs().max().item()
+        assert err <= 3e-2 * max(1.0, xr.grad.abs().max().item()), f"{mode}: grad error {err:.3g}"
