@@ -9,9 +9,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 #include "../checks.h"
@@ -95,6 +100,56 @@ FFKERN_ALWAYS_INLINE void write_grad(in_t* dh, int64_t tokens, int64_t dim, int6
   }
 }
 
+// Gradients larger than the caches are written with non-temporal (streaming) stores: a plain
+// store first reads the line it writes (read for ownership), so dh would cost a read and a write
+// of memory; streamed it costs the write only, which is what a copy costs. Small gradients keep
+// plain stores, so that they are still in cache for whoever reads them next. The values are the
+// same products either way (bitwise).
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FFKERN_HAVE_STREAM 1
+__attribute__((target("avx512f"))) void stream_scaled(float* dst, const float* src, int64_t n, float c) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = c * src[i];
+  const __m512 vc = _mm512_set1_ps(c);
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_mul_ps(vc, _mm512_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] = c * src[i];
+}
+__attribute__((target("avx512f"))) void stream_zeros(float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = 0.0f;
+  const __m512 zero = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, zero);
+  for (; i < n; ++i) dst[i] = 0.0f;
+}
+bool can_stream() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512;
+}
+// Streaming stores are weakly ordered: fence them before the thread's results are used.
+void store_fence() { _mm_sfence(); }
+#else
+void stream_scaled(float*, const float*, int64_t, float) {}
+void stream_zeros(float*, int64_t) {}
+bool can_stream() { return false; }
+void store_fence() {}
+#endif
+
+bool stream_output(int64_t output_bytes) { return output_bytes >= kStreamBytes && can_stream(); }
+
+// write_grad for float32 with streaming stores (same values as write_grad).
+void write_grad_streamed(float* dh, int64_t tokens, int64_t dim, int64_t skip, const float* m, float d0, float d1) {
+  const int64_t half = dim / 2;
+  const float c0 = 2.0f * d0 / float(tokens - skip), c1 = 2.0f * d1 / float(tokens - skip);
+  stream_zeros(dh, skip * dim);
+  for (int64_t t = skip; t < tokens; ++t) {
+    float* row = dh + t * dim;
+    stream_scaled(row, m, half, c0);
+    stream_scaled(row + half, m + half, dim - half, c1);
+  }
+}
+
 // The per-sample work as plain functions: float32 (the common case) gets one copy per instruction
 // set (FFKERN_CLONES, AVX-512 where the CPU has it; a portable build is SSE2 otherwise), the other
 // types the portable template.
@@ -105,7 +160,7 @@ struct Sample {
     return sample_energies<in_t, acc_t>(h, tokens, dim, skip, m, e0, e1);
   }
   static void grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row, acc_t d0,
-                   acc_t d1) {
+                   acc_t d1, bool /*stream*/) {
     write_grad<in_t, acc_t>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
   }
 };
@@ -125,8 +180,12 @@ struct Sample<float, float> {
     return energies_f32(h, tokens, dim, skip, m, e0, e1);
   }
   static void grad(float* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row, float d0,
-                   float d1) {
-    grad_f32(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
+                   float d1, bool stream) {
+    if (stream) {
+      write_grad_streamed(dh, tokens, dim, skip, static_cast<const float*>(mean), d0, d1);
+    } else {
+      grad_f32(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
+    }
   }
 };
 
@@ -168,6 +227,7 @@ at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, 
     const scalar_t* hp = h.data_ptr<scalar_t>();
     scalar_t* dp = dh.data_ptr<scalar_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
+    const bool stream = std::is_same_v<scalar_t, float> && stream_output(dh.nbytes());
     at::parallel_for(0, s.batch, grain_for(s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> m(s.dim);
       for (int64_t b = b0; b < b1; ++b) {
@@ -175,8 +235,9 @@ at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, 
         const int64_t off = b * s.tokens * s.dim;
         const void* mean = Sample<scalar_t, acc_t>::energies(hp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
         const acc_t de = gr[b] * gscale;  // dL/dE = dL/dg * dg/dE for both halves
-        Sample<scalar_t, acc_t>::grad(dp + off, s.tokens, s.dim, skip_tokens, mean, mean != m.data(), de, de);
+        Sample<scalar_t, acc_t>::grad(dp + off, s.tokens, s.dim, skip_tokens, mean, mean != m.data(), de, de, stream);
       }
+      if (stream) store_fence();
     });
   });
   return dh;
@@ -231,6 +292,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
     scalar_t* dnp = dhn.data_ptr<scalar_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
     const acc_t scale = acc_t(grad * pair_normalizer<double>(loss, s.batch));
+    const bool stream = std::is_same_v<scalar_t, float> && stream_output(dhp.nbytes() + dhn.nbytes());
     at::parallel_for(0, s.batch, grain_for(4 * s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> mp(s.dim), mn(s.dim);
       for (int64_t b = b0; b < b1; ++b) {
@@ -239,9 +301,12 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
         const void* mean_p = Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, mp.data(), &e0p, &e1p);
         const void* mean_n = Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, mn.data(), &e0n, &e1n);
         pair_grad<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n, scale, dp, dn);
-        Sample<scalar_t, acc_t>::grad(dpp + off, s.tokens, s.dim, skip_tokens, mean_p, mean_p != mp.data(), dp[0], dp[1]);
-        Sample<scalar_t, acc_t>::grad(dnp + off, s.tokens, s.dim, skip_tokens, mean_n, mean_n != mn.data(), dn[0], dn[1]);
+        Sample<scalar_t, acc_t>::grad(dpp + off, s.tokens, s.dim, skip_tokens, mean_p, mean_p != mp.data(), dp[0], dp[1],
+                                      stream);
+        Sample<scalar_t, acc_t>::grad(dnp + off, s.tokens, s.dim, skip_tokens, mean_n, mean_n != mn.data(), dn[0], dn[1],
+                                      stream);
       }
+      if (stream) store_fence();
     });
   });
   return {dhp, dhn};
