@@ -32,11 +32,37 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         mod.add_parser(sub)
+    parser.subcommands = sub.choices  # name -> parser
     return parser
+
+
+def _expand_recipes(parser: argparse.ArgumentParser, argv):
+    """``train --recipe NAME``: the recipe's options go in its place (ffkern.train.recipes), and a
+    recipe that needs what this ffkern lacks is refused naming what it needs."""
+    if not argv or argv[0] != "train" or "train" not in getattr(parser, "subcommands", {}):
+        return argv
+    from .train import recipes
+
+    train = parser.subcommands["train"]
+    for i, arg in enumerate(argv):
+        name = argv[i + 1] if arg == "--recipe" and i + 1 < len(argv) else (arg.split("=", 1)[1] if arg.startswith("--recipe=") else None)
+        if name in recipes.RECIPES:
+            recipe = recipes.RECIPES[name]
+            missing = recipes.missing_options(recipe, train)
+            if missing:
+                raise UsageError(f"--recipe {name} needs {recipe.needs or 'options this ffkern lacks'}, which this"
+                                 f" ffkern does not have yet (missing: {', '.join(missing)})")
+    return [argv[0], *recipes.expand(argv[1:])]
 
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _expand_recipes(parser, argv)
+    except UsageError as exc:
+        print(f"{parser.prog} train: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
