@@ -23,8 +23,14 @@ def extension_options():
     import importlib.util
     from pathlib import Path
 
-    import torch
-    from torch.utils import cpp_extension
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ModuleNotFoundError as exc:  # the isolated build's fresh environment has no torch
+        raise SystemExit(
+            "ffkern: FFKERN_BUILD_EXT=1 compiles the C++/CUDA extension against the torch already installed, but "
+            f"this build environment cannot import torch ({exc}). Install torch first, then build without isolation: "
+            "pip install torch && FFKERN_BUILD_EXT=1 pip install --no-build-isolation .") from exc
 
     # The flag and source lists of the JIT build, from ffkern/cpp/build.py (loaded by path, so that
     # the ffkern package itself is not imported here).
