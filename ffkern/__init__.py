@@ -5,13 +5,16 @@ goodness losses (SPEC 2). Backends: "reference" (plain PyTorch, the executable s
 (fused kernels, O(N*D) memory). Importing ffkern imports no backend; each loads on first use.
 """
 from ._backend import BACKENDS, BackendUnavailable
+from .feature_maps import channel_tokens, flat_features
 from .ff_losses import ff_goodness, ff_loss, sffa_loss, symba_loss
 from .marginal_supcon import SupConStats, marginal_supcon_loss
 from .nn import FFLoss, MarginalSupConLoss, SFFALoss, SymBaLoss
+from .per_class import PerClassGoodnessLoss, class_goodness, per_class_goodness_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS", "BackendUnavailable", "FFLoss", "MarginalSupConLoss", "SFFALoss", "SupConStats",
     "SymBaLoss", "ff_goodness", "ff_loss", "marginal_supcon_loss", "sffa_loss", "symba_loss",
+    "PerClassGoodnessLoss", "channel_tokens", "class_goodness", "flat_features", "per_class_goodness_loss",
 ]

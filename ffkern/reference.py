@@ -159,6 +159,28 @@ def sffa_loss(h_pos, h_neg, kind: str = "mean", skip_tokens: int = 0):
     return -torch.cat([q_pos.log(), (1.0 - q_neg).log()]).mean()
 
 
+# ---------------------------------------------------------------- per-class goodness (SPEC 2.2)
+def class_goodness(h: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """g [B, K]: z = the 1x1 convolution of h [B, C, H, W] with weight [K, C] (+ bias [K]);
+    g_bk = mean over the H*W positions of z_bk^2."""
+    dt = compute_dtype(h.dtype)
+    w = weight.reshape(weight.shape[0], -1).to(dt)
+    z = torch.einsum("bchw,kc->bkhw", h.to(dt), w)
+    if bias is not None:
+        z = z + bias.to(dt)[None, :, None, None]
+    return z.square().mean((2, 3))
+
+
+def per_class_loss(h, weight, labels, bias=None, scale=1.0, reduction: str = "mean"):
+    """Softmax cross-entropy of the logits scale * g [B, K] against the labels (SPEC 2.2):
+    L_b = logsumexp_k(scale g_bk) - scale g_b,y_b."""
+    logits = scale * class_goodness(h, weight, bias)
+    loss = torch.logsumexp(logits, 1) - logits.gather(1, labels.long()[:, None])[:, 0]
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
 PAIR_LOSSES = {"ff": ff_loss, "symba": symba_loss, "sffa": sffa_loss}
 
 
@@ -203,3 +225,6 @@ class ReferenceBackend:
         if loss == "sffa":
             return sffa_loss(h_pos, h_neg, kind, skip_tokens)
         return PAIR_LOSSES[loss](h_pos, h_neg, param, kind, skip_tokens)
+
+    class_goodness = staticmethod(_no_autocast(class_goodness))
+    per_class_loss = staticmethod(_no_autocast(per_class_loss))

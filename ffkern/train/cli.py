@@ -8,7 +8,8 @@ import os
 from .._cliargs import UsageError, as_usage_error, int_at_least, output_file, real
 
 # Only argparse here: torch and the trainer load when the command runs (ffkern/cli.py's rule).
-_METHODS = ("cff", "ff", "symba", "sffa", "bp")
+_METHODS = ("cff", "ff", "symba", "sffa", "sff", "bp")
+_MODELS = ("mlp", "vit", "cnn", "resnet18", "mobilenetv3")  # models.MODELS
 _SCHEDULES = ("linear", "parabolic", "cosine", "exponential", "constant")
 # The type= of each option checks its value while parsing (ranges as in TrainConfig.resolved,
 # which checks them again for callers of the Python API).
@@ -32,13 +33,32 @@ def _randaug(text: str):
 _randaug.__name__ = "N,M"
 
 
+def _width(text: str):
+    """argparse type of --width: an int (MLP units, ViT embedding size) or, for the conv models, a
+    float channel multiplier such as 0.25 (TrainConfig.resolved checks which the model takes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+_width.__name__ = "number"
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train", help="layer-local CFF / FF training (default: CFF on an MLP, bundled digits)",
         description="Layer-local training with ffkern's losses. Defaults give the good run: CFF (marginal "
                     "SupCon, margins 0.4 -> 0.1) on MLP[500 3] with scikit-learn's bundled digits.")
-    p.add_argument("--method", choices=_METHODS, default="cff", help="training algorithm (default: cff; bp: the end-to-end cross-entropy baseline)")
-    p.add_argument("--model", choices=("mlp", "vit"), default="mlp", help="MLP[E L] or ViT[E H L] (default: mlp)")
+    p.add_argument("--method", choices=_METHODS, default="cff",
+                   help="training algorithm (default: cff; sff: Scalable FF's per-class conv loss, conv models only;"
+                        " bp: the end-to-end cross-entropy baseline)")
+    p.add_argument("--model", choices=_MODELS, default="mlp",
+                   help="MLP[E L], ViT[E H L], the Trifecta's cnn, or the block-wise resnet18 / mobilenetv3 (small)"
+                        " (default: mlp)")
     p.add_argument("--dataset", default="digits",
                    help="'digits' (default), a .npz with x_train, y_train, x_test, y_test, or one of "
                         f"{', '.join(_DATASETS)} read from the published files in --data-dir")
@@ -54,8 +74,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", type=output_file, default=None,
                    help="draw per-layer loss and clipped fraction (format from the extension: .png, .pdf, .svg, ...)")
     g = p.add_argument_group("model")
-    g.add_argument("--width", type=_POSITIVE, default=None, help="E: units per MLP layer / ViT embedding size (default: 500 MLP, 64 ViT)")
-    g.add_argument("--layers", dest="depth", type=_POSITIVE, default=None, help="L: number of layers (default: 3)")
+    g.add_argument("--width", type=_width, default=None,
+                   help="E: units per MLP layer / ViT embedding size (default: 500 MLP, 64 ViT); conv models: a channel"
+                        " multiplier (default: 0.25 cnn and resnet18, 0.5 mobilenetv3)")
+    g.add_argument("--layers", dest="depth", type=_POSITIVE, default=None,
+                   help="L: number of layers (default: 3); cnn: 6 (the Trifecta's small network, default) or 12 (large)")
+    g.add_argument("--norm", choices=("batch", "layer"), default="batch",
+                   help="cnn: the norm at the start of each block, BatchNorm2d over positives and negatives together"
+                        " (default, the Trifecta's) or LayerNorm([C, H, W])")
     g.add_argument("--heads", type=_POSITIVE, default=4, help="H: ViT attention heads")
     g.add_argument("--patch-size", type=_POSITIVE, default=None, help="ViT patch side (default: image side / 4)")
     g = p.add_argument_group("optimization")
@@ -90,6 +116,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--mL", type=_MARGIN, default=0.1, help="margin of the last layer (default: 0.1)")
     g.add_argument("--threshold", type=real(), default=2.0, help="FF goodness threshold theta (default: 2.0)")
     g.add_argument("--alpha", type=_RATE, default=4.0, help="SymBa alpha (default: 4.0)")
+    g.add_argument("--olu", action="store_true",
+                   help="overlapping local updates (the Trifecta): on even steps blocks (0,1), (2,3), ... are trained"
+                        " together by the second one's loss, on odd steps (embedding,0), (1,2), ...")
+    g.add_argument("--class-scale", type=_RATE, default=1.0,
+                   help="sff: initial value of each block's learned scale of the class goodness (default: 1)")
     g.add_argument("--ff-predict", choices=("goodness", "head"), default="goodness",
                    help="FF family: try every label (goodness, default) or a linear head on the neutral-label features")
     g.add_argument("--backend", default="auto", help="ffkern loss backend: auto (default), reference, triton or cpp")

@@ -100,3 +100,20 @@ def goodness_logits(encoder: Encoder, method: str, x: torch.Tensor, *, batch_siz
                     if not (skip_first and l == 0 and len(encoder.layers) > 1):
                         out[start:start + b, c] += layer_score(method, h, encoder.skip_tokens, backend).float()
     return out
+
+
+@torch.no_grad()
+def class_goodness_logits(encoder: Encoder, objectives, x: torch.Tensor, *, batch_size: int = 512,
+                          autocast_dtype=None) -> torch.Tensor:
+    """Scalable-FF prediction (method sff): ``[N, K]``, the mean over blocks of each block's
+    scaled class goodness (``objectives[l].logits``, the per-class 1x1 conv of block l). One
+    forward pass per sample, no label in the input."""
+    encoder.eval()
+    out = torch.zeros(x.shape[0], encoder.num_classes, device=x.device)
+    for start in range(0, x.shape[0], batch_size):
+        h = encoder.prepare(x[start:start + batch_size])
+        with _autocast(x.device, autocast_dtype):
+            for layer, objective in zip(encoder.layers, objectives):
+                h = layer(h)
+                out[start:start + h.shape[0]] += objective.logits(h).float()
+    return out / len(encoder.layers)

@@ -6,7 +6,15 @@
   ff     label embedded in the input; positives = true label, negatives = the same image with a
   symba  wrong label; each layer minimizes the goodness loss of its output (ffkern.ff_loss,
   sffa   symba_loss, sffa_loss); prediction tries every label (or a linear head)
+  sff    Scalable FF (conv models): no label in the input; each block's per-class goodness loss
+         (ffkern.per_class_goodness_loss: a 1x1 conv with one channel per class, softmax
+         cross-entropy of the class goodness); prediction: argmax of the class goodness averaged
+         over the blocks
   bp     end-to-end cross-entropy (trained in bp.py, not layer by layer)
+
+Conv models' block outputs [B, C, H, W] reach the goodness losses as views (ffkern.feature_maps):
+[B, C*H*W] for ff and symba (the Trifecta's goodness, the mean of squares over C, H, W), channel
+tokens [B, H*W, C] for sffa (halves by channels); cff sees the globally average-pooled output.
 
 A ``LayerBatch`` is everything a layer needs: rows of activations and the sample labels. It is
 what one layer hands to the next, so a pipeline stage can receive it from another process.
@@ -18,13 +26,18 @@ from typing import Optional, Tuple
 
 import torch
 
+from torch import nn
+
 from .. import ff_goodness, ff_loss, marginal_supcon_loss, sffa_loss, symba_loss
+from ..feature_maps import channel_tokens, flat_features
+from ..per_class import PerClassGoodnessLoss
 from . import rng
 from .data import Augment, make_views
 from .models import Encoder
 
-METHODS = ("cff", "ff", "symba", "sffa", "bp")
+METHODS = ("cff", "ff", "symba", "sffa", "sff", "bp")
 FF_FAMILY = ("ff", "symba", "sffa")
+LAYER_LOCAL = ("cff", "ff", "symba", "sffa", "sff")
 
 
 @dataclass
@@ -43,8 +56,19 @@ class LayerBatch:
 
 
 def pool_tokens(h: torch.Tensor, skip_tokens: int = 0) -> torch.Tensor:
-    """Token mean for [B, T, D] (skipping non-image tokens), identity for [B, D]."""
+    """Token mean for [B, T, D] (skipping non-image tokens), global average pool for a feature map
+    [B, C, H, W], identity for [B, D]."""
+    if h.dim() == 4:
+        return h.mean((2, 3))
     return h[:, skip_tokens:].mean(1) if h.dim() == 3 else h
+
+
+def goodness_input(method: str, h: torch.Tensor) -> torch.Tensor:
+    """What the goodness losses see of a layer output: a feature map as a view (flat for ff and
+    symba, channel tokens for sffa; no copy), anything else as it is."""
+    if h.dim() != 4:
+        return h
+    return channel_tokens(h) if method == "sffa" else flat_features(h)
 
 
 class ContrastiveObjective:
@@ -72,7 +96,7 @@ class GoodnessObjective:
         self.method, self.skip_tokens, self.threshold, self.alpha, self.backend = method, skip_tokens, threshold, alpha, backend
 
     def __call__(self, out: torch.Tensor, batch: LayerBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        h_pos, h_neg = out.chunk(2)
+        h_pos, h_neg = goodness_input(self.method, out).chunk(2)
         opts = dict(skip_tokens=self.skip_tokens, backend=self.backend)
         if self.method == "ff":
             return ff_loss(h_pos, h_neg, threshold=self.threshold, **opts), None
@@ -87,11 +111,30 @@ class GoodnessObjective:
 def layer_score(method: str, h: torch.Tensor, skip_tokens: int = 0, backend: str = "auto") -> torch.Tensor:
     """How "positive" a layer finds each sample ``[B]``: the goodness for ff/symba, and for sffa the
     log-odds log(E_P / E_N) of the energy of the positive vs the negative half of the units."""
+    h = goodness_input(method, h)
     if method == "sffa":
         e = pool_tokens(h.float(), skip_tokens).pow(2)
         half = e.shape[-1] // 2
         return torch.log(e[:, :half].mean(-1) + 1e-8) - torch.log(e[:, half:].mean(-1) + 1e-8)
     return ff_goodness(h, skip_tokens=skip_tokens, backend=backend)
+
+
+class PerClassObjective(nn.Module):
+    """Scalable FF's block loss (sff): ffkern.PerClassGoodnessLoss on the block output, with its
+    own 1x1 conv (C -> K) and learned scale, trained by the block's optimizer (layerwise.py gives
+    an objective's parameters to the layer's optimizer)."""
+
+    def __init__(self, in_channels: int, num_classes: int, *, scale: float = 1.0, backend: str = "auto"):
+        super().__init__()
+        self.criterion = PerClassGoodnessLoss(in_channels, num_classes, scale=scale, learnable_scale=True,
+                                              backend=backend)
+
+    def forward(self, out: torch.Tensor, batch: LayerBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.criterion(out, batch.labels), None
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """The scaled class goodness [B, K] of a block output (what prediction averages)."""
+        return self.criterion.logits(out)
 
 
 def wrong_labels(labels: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
@@ -109,16 +152,29 @@ def first_batch(method: str, encoder: Encoder, x: torch.Tensor, y: torch.Tensor,
     if method == "cff":
         views = make_views(x, num_views, augment, gen) if augment is not None else x.repeat(num_views, *([1] * (x.dim() - 1)))
         return LayerBatch(encoder.prepare(views), y, num_views)
+    if method == "sff":
+        return LayerBatch(encoder.prepare(augment(x, gen) if augment is not None else x), y, 1)
     if method in FF_FAMILY:
         xa = augment(x, gen) if augment is not None else x
         inp = encoder.prepare(xa)
         neg = wrong_labels(y, encoder.num_classes, gen)
         return LayerBatch(torch.cat([encoder.embed_labels(inp, y), encoder.embed_labels(inp, neg)], 0), y, 2)
-    raise ValueError(f"method {method!r} has no layer-local input; use one of ['cff', 'ff', 'symba', 'sffa']")
+    raise ValueError(f"method {method!r} has no layer-local input; use one of {list(LAYER_LOCAL)}")
 
 
 def make_objective(method: str, encoder: Encoder, margin: float, *, temperature: float = 0.15,
-                   threshold: float = 2.0, alpha: float = 4.0, backend: str = "auto"):
+                   threshold: float = 2.0, alpha: float = 4.0, backend: str = "auto", layer: int = 0, seed: int = 0,
+                   class_scale: float = 1.0):
+    """The loss of layer ``layer``; for sff a module with parameters (its 1x1 conv, built under
+    the layer's own seeded stream, on the encoder's device)."""
+    if method == "sff":
+        channels = getattr(encoder, "block_channels", None)
+        if channels is None:
+            raise ValueError(f"method 'sff' (the per-class conv loss) needs a conv model (cnn, resnet18, mobilenetv3),"
+                             f" got model {encoder.kind!r}")
+        device = next(encoder.parameters()).device
+        with rng.seeded(seed, rng.INIT, 20_000 + layer):
+            return PerClassObjective(channels[layer], encoder.num_classes, scale=class_scale, backend=backend).to(device)
     if method == "cff":
         return ContrastiveObjective(margin, temperature, backend)
     return GoodnessObjective(method, encoder.skip_tokens, threshold, alpha, backend)

@@ -179,11 +179,19 @@ class ViTEncoder(Encoder):
         return h[:, self.skip_tokens:].mean(1)
 
 
-MODELS = ("mlp", "vit")
+MODELS = ("mlp", "vit", "cnn", "resnet18", "mobilenetv3")  # the last three: conv_models.CONV_MODELS
 
 
-def build_encoder(kind: str, sample_shape, num_classes: int, *, width: int, depth: int, heads: int = 4,
-                  patch_size: int = 2, label_input: bool = False, label_scale: float = 1.0, seed: int = 0) -> Encoder:
+def build_encoder(kind: str, sample_shape, num_classes: int, *, width, depth: int, heads: int = 4,
+                  patch_size: int = 2, label_input: bool = False, label_scale: float = 1.0, seed: int = 0,
+                  norm: str = "batch") -> Encoder:
+    """``width``: units (MLP) or embedding size (ViT), an int; for the conv models a float
+    multiplier of the channel counts. ``norm``: the cnn's block norm, "batch" or "layer"."""
+    if kind in MODELS[2:]:
+        from .conv_models import build_conv_encoder  # conv_models imports this module
+
+        return build_conv_encoder(kind, sample_shape, num_classes, width=width, depth=depth, norm=norm,
+                                  label_input=label_input, seed=seed)
     for name, v in (("width", width), ("depth", depth), ("heads", heads), ("patch_size", patch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")

@@ -17,7 +17,8 @@ from . import rng
 from .bp import train_bp
 from .data import Augment, Dataset, batches, check_data_config, dataset_for, input_abs_max, load_dataset  # noqa: F401
 from .heads import accuracy, goodness_logits, layer_features, train_linear_head
-from .layerwise import LocalLayer, make_local_layers, run_layers
+from .conv_models import CONV_MODELS, NORMS, check_depth, default_depth
+from .layerwise import LocalLayer, make_local_layers, olu_train_step, run_layers
 from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective
 from .metrics import History, format_table
 from .models import MODELS, Encoder, build_encoder
@@ -37,6 +38,12 @@ DEFAULTS = {
     ("bp", "mlp"): dict(epochs=30, lr=1e-3, width=500, depth=3),
     ("bp", "vit"): dict(epochs=30, lr=1e-3, width=64, depth=3),
 }
+# Conv models (conv_models.py): width is a channel multiplier; depth the number of blocks.
+CONV_DEFAULTS = {"cnn": dict(epochs=20, lr=1e-3, width=0.25), "resnet18": dict(epochs=10, lr=1e-3, width=0.25),
+                 "mobilenetv3": dict(epochs=10, lr=1e-3, width=0.5)}
+for _model, _d in CONV_DEFAULTS.items():
+    for _method in METHODS:
+        DEFAULTS[(_method, _model)] = dict(_d, depth=default_depth(_model))
 
 
 @dataclass
@@ -50,7 +57,7 @@ class TrainConfig:
     device: str = "auto"
     lr: Optional[float] = None
     weight_decay: float = 0.0
-    width: Optional[int] = None  # E
+    width: Optional[float] = None  # E (an int) for mlp/vit; the channel multiplier for the conv models
     depth: Optional[int] = None  # L
     heads: int = 4  # H (ViT)
     patch_size: Optional[int] = None  # ViT; None: the image side / 4 (16 patches)
@@ -79,6 +86,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile every layer
     backend: str = "auto"  # ffkern loss backend
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    olu: bool = False  # overlapping local updates (the Trifecta): a block's loss also trains its predecessor
+    norm: str = "batch"  # the cnn's block norm: "batch" (BatchNorm2d, the Trifecta's) or "layer" (LayerNorm([C,H,W]))
+    class_scale: float = 1.0  # sff: initial value of each block's learned scale of the class goodness
 
     def resolved(self) -> "TrainConfig":
         """Checks every option (ValueError/TypeError naming it) and fills the defaults."""
@@ -87,8 +97,16 @@ class TrainConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("ff_predict", self.ff_predict, ("goodness", "head"))
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("norm", self.norm, NORMS)
+        if self.method == "sff" and self.model not in CONV_MODELS:
+            raise ValueError(f"method 'sff' (the per-class conv loss) needs a conv model: --model {', '.join(CONV_MODELS)};"
+                             f" got {self.model!r}")
         filled = dataclasses.replace(self, **{k: v for k, v in DEFAULTS[(self.method, self.model)].items() if getattr(self, k) is None})
-        for name in ("epochs", "batch_size", "width", "depth", "heads", "head_epochs", "threads"):
+        conv = filled.model in CONV_MODELS
+        if conv:
+            check_number("width", filled.width, low=0.0, low_open=True)  # a channel multiplier
+            check_depth(filled.model, filled.depth)
+        for name in ("epochs", "batch_size", "depth", "heads", "head_epochs", "threads") + (() if conv else ("width",)):
             v = getattr(filled, name)
             if v is None and name == "threads":
                 continue
@@ -113,6 +131,12 @@ class TrainConfig:
         p = filled.patch_size
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
+        check_number("class_scale", filled.class_scale, low=0.0, low_open=True)
+        if filled.olu and filled.method == "bp":
+            raise ValueError("olu=True (--olu) is a schedule of local updates; method 'bp' has none (use --method symba,"
+                             " ff, sffa, cff or sff)")
+        if filled.norm != "batch" and filled.model != "cnn":
+            raise ValueError(f"norm={filled.norm!r} (--norm) chooses the cnn's block norm; model {filled.model!r} has its own")
         if filled.model == "vit" and filled.width % filled.heads:  # attention splits E into H equal heads
             raise ValueError(f"width (--width) E={filled.width} must be divisible by heads (--heads) H={filled.heads} for the ViT")
         return check_data_config(filled)  # data, augmentation and protocol options (data.py)
@@ -157,6 +181,12 @@ def check_compatible(cfg: TrainConfig, data: Dataset) -> None:
         h, w = data.sample_shape[1:]
         if h % patch or w % patch:
             raise ValueError(f"patch_size (--patch-size) {patch} must divide the image size {h}x{w} of dataset {data.name}")
+    if cfg.model in CONV_MODELS and len(data.sample_shape) != 3:
+        raise ValueError(f"model {cfg.model!r} needs image inputs [N, C, H, W] or [N, H, W], but dataset {data.name}"
+                         f" holds vectors of shape {list(data.sample_shape)}; use --model mlp")
+    if cfg.method == "sff" and cfg.backend not in ("auto", "reference"):
+        raise ValueError(f"method 'sff': the per-class goodness loss has no {cfg.backend!r} kernel yet (only the"
+                         f" reference); use --backend auto or reference")
     if cfg.model == "mlp" and cfg.method in FF_FAMILY:
         inputs = math.prod(data.sample_shape)
         if data.num_classes > inputs:
@@ -203,7 +233,7 @@ def build_model(cfg: TrainConfig, data: Dataset) -> Encoder:
     label_scale = input_abs_max(data.x_train) if cfg.method in FF_FAMILY else 1.0  # FF's label: a bright "pixel"
     return build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.depth,
                          heads=cfg.heads, patch_size=patch, label_input=cfg.method in FF_FAMILY,
-                         label_scale=label_scale, seed=cfg.seed).to(data.x_train.device)
+                         label_scale=label_scale, seed=cfg.seed, norm=cfg.norm).to(data.x_train.device)
 
 
 def build_augment(cfg: TrainConfig, data: Dataset) -> Augment:
@@ -231,10 +261,11 @@ def build_local_layers(cfg: TrainConfig, encoder: Encoder, indices: Optional[Seq
         raise ValueError(f"indices must be a non-empty contiguous range inside 0..{cfg.depth - 1}, got {indices}")
     margins = layer_margins(cfg)
     objectives = [make_objective(cfg.method, encoder, margins[l], temperature=cfg.temperature, threshold=cfg.threshold,
-                                 alpha=cfg.alpha, backend=cfg.backend) for l in indices]
+                                 alpha=cfg.alpha, backend=cfg.backend, layer=l, seed=cfg.seed,
+                                 class_scale=cfg.class_scale) for l in indices]
     return make_local_layers([encoder.layers[l] for l in indices], objectives, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              first_index=indices[0], autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
-                             compile=cfg.compile)
+                             compile=cfg.compile, olu=cfg.olu)
 
 
 def epoch_inputs(cfg: TrainConfig, encoder: Encoder, data: Dataset, augment: Augment, epoch: int) -> Iterator[LayerBatch]:
@@ -295,7 +326,10 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
         layers = build_local_layers(cfg, encoder)
         history = History([f"layer {l}" for l in range(cfg.depth)], layer_margins(cfg))
         stage1(cfg, encoder, layers, data, augment, history, bar, log)
-        result.update(predict(cfg, encoder, data, autocast_dtype))
+        if cfg.method == "sff":
+            result.update(predict_sff(cfg, encoder, [layer.objective for layer in layers], data, autocast_dtype))
+        else:
+            result.update(predict(cfg, encoder, data, autocast_dtype))
 
     metrics = run_metrics(cfg, data, encoder, augment, history, result, backend_name, device, t0, log)
     metrics["warnings"] = notes
@@ -343,10 +377,11 @@ def stage1(cfg: TrainConfig, encoder, layers, data: Dataset, augment: Augment, h
     """Layer-local epochs: every batch goes through the layers in order, each layer updating at once."""
     warned = set()
     for epoch in bar:
-        for batch in epoch_inputs(cfg, encoder, data, augment, epoch):
-            _, stats = run_layers(layers, batch, train=True)
+        for step, batch in enumerate(epoch_inputs(cfg, encoder, data, augment, epoch)):
+            _, stats = olu_train_step(layers, batch, step) if cfg.olu else run_layers(layers, batch, train=True)
             for l, st in enumerate(stats):
-                history.add("train", l, st)
+                if st is not None:  # OLU: a block that only passed its output on this step
+                    history.add("train", l, st)
         for batch in valid_inputs(cfg, encoder, data, augment):
             _, stats = run_layers(layers, batch, train=False)
             for l, st in enumerate(stats):
@@ -393,6 +428,20 @@ def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
         return {"valid_accuracy": accuracy(head(fva), data.y_valid), "test_accuracy": accuracy(test_logits, data.y_test),
                 **topk_results(cfg, test_logits, data.y_test),
                 "head": {"kind": "linear (LayerNorm + Linear) on frozen features", **info}}
+
+
+def predict_sff(cfg: TrainConfig, encoder, objectives, data: Dataset, autocast_dtype) -> Dict:
+    """Scalable FF's prediction: the argmax of the blocks' scaled class goodness, averaged over
+    all blocks (one forward pass, no label in the input)."""
+    from .heads import class_goodness_logits
+
+    def logits(x):
+        return class_goodness_logits(encoder, objectives, x, autocast_dtype=autocast_dtype)
+
+    test_logits = logits(data.x_test)
+    return {"valid_accuracy": accuracy(logits(data.x_valid), data.y_valid),
+            "test_accuracy": accuracy(test_logits, data.y_test), **topk_results(cfg, test_logits, data.y_test),
+            "head": {"kind": "per-class goodness (scaled), averaged over all blocks"}}
 
 
 @torch.no_grad()
