@@ -84,3 +84,25 @@ def test_tag_cannot_leave_the_results_root_from_python_either(tmp_path):
 
 def test_sizes_parse_as_before():
     assert _size("2^16") == 65536 and _size("2**10") == 1024 and _size("300") == 300
+
+
+def test_committed_results_are_never_overwritten(tmp_path, monkeypatch, capsys):
+    """`ffkern bench --quick` run in the clone wrote over committed result files: a folder with
+    files git tracks is refused before any measuring (--replace allows it)."""
+    import subprocess
+
+    from ffkern.cli import main
+
+    run_dir = tmp_path / "results" / "some-cpu" / "quick"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text("{}")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "add", "results"], check=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the sweep started although the command should have been refused")
+
+    monkeypatch.setattr("ffkern.bench.sweep.run_sweep", refuse)
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err
+    assert "holds 1 files that git tracks" in err and "--replace" in err

@@ -8,6 +8,7 @@ Results go to <--out>/<device-slug>/<--tag>/.
 from __future__ import annotations
 
 import argparse
+import os
 
 from .._cliargs import UsageError, as_usage_error, int_at_least, output_dir, path_component, real
 
@@ -55,7 +56,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="small ladder (N 512-2048, D 128, float32, FF 2^20-2^22 'ff' loss), 3 repeats, dynamic-shape "
                         "compile, e2e batch 64 on the CPU")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--out", default="benchmarks/results", type=output_dir, help="results root; files go to OUT/<device-slug>/<tag>/")
+    p.add_argument("--out", default="ffkern-bench-results", type=output_dir,
+                   help="results root; files go to OUT/<device-slug>/<tag>/ (default: ./ffkern-bench-results, not"
+                        " tracked by git; files git tracks are never overwritten unless --replace)")
+    p.add_argument("--replace", action="store_true",
+                   help="allow overwriting result files that git tracks (regenerating committed results)")
     p.add_argument("--tag", default=None, type=path_component,
                    help="results subfolder, a plain name (default: 'quick' or 'full')")
     p.add_argument("--what", nargs="+", choices=_WHAT, default=list(_WHAT), help="parts to run")
@@ -140,11 +145,31 @@ def _check_compile_backend(name: str) -> None:
         raise UsageError(f"--compile-backend: unknown torch.compile backend {name!r}; torch knows {', '.join(shown)}")
 
 
+def check_not_tracked(out_root: str, tag: str) -> None:
+    """Before any measuring: a run's folder OUT/<device>/<tag>/ holding files that git tracks
+    (committed results) is refused, so a quick try in a clone cannot overwrite them."""
+    import glob
+    import subprocess
+
+    for folder in glob.glob(os.path.join(glob.escape(out_root), "*", glob.escape(tag))):
+        try:
+            listed = subprocess.run(["git", "ls-files", "--", "."], cwd=folder, capture_output=True, text=True,
+                                    timeout=30)
+        except (OSError, subprocess.SubprocessError):  # no git: nothing can be tracked
+            continue
+        tracked = listed.stdout.split() if listed.returncode == 0 else []
+        if tracked:
+            raise UsageError(f"--out {out_root} --tag {tag}: {folder} holds {len(tracked)} files that git tracks"
+                             f" (committed results); choose another --out or --tag, or pass --replace to regenerate them")
+
+
 def run(args: argparse.Namespace) -> int:
     from .report import add_derived, disagreements, format_table, write_all
     from .sweep import run_sweep
 
     cfg = config_from_args(args)
+    if not args.replace:
+        check_not_tracked(args.out, cfg.tag)
     results = add_derived(run_sweep(cfg))
     paths = write_all(results, args.out, plots=not args.no_plots)
     print()
