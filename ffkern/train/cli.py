@@ -133,8 +133,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_POSITIVE, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy shared machine)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--recipe", choices=recipe_names(), default=None,
+                   help="set every option of one seed paper's run (list: ffkern recipes); options after it override it")
     p.set_defaults(func=run)
+    r = subparsers.add_parser("recipes", help="the seed papers' runs by name, with the accuracy each paper reports",
+                              description="The seed papers' runs: ffkern train --recipe NAME --data-dir DIR.")
+    r.set_defaults(func=_print_recipes)
     return p
+
+
+def recipe_names():
+    from .recipes import names
+
+    return names()
+
+
+def _print_recipes(args: argparse.Namespace) -> int:
+    from .recipes import table
+
+    print(table())
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,6 +167,11 @@ def run(args: argparse.Namespace) -> int:
             return 0
     else:
         metrics = train(config, progress=not args.no_progress, data=data)
+    if args.recipe:
+        from .recipes import RECIPES
+
+        metrics["recipe"] = {"name": args.recipe, "paper": RECIPES[args.recipe].paper,
+                             "reported": RECIPES[args.recipe].reported}
     write_outputs(args, metrics)
     return 0
 
