@@ -176,6 +176,11 @@ def test_one_epoch_of_each_model_and_method(model, method, extra):
     json.dumps(m)
 
 
+def test_olu_with_one_step_per_epoch_records_the_untrained_blocks_as_null():
+    m = train(TrainConfig(method="symba", model="cnn", olu=True, **dict(TINY, batch_size=64)), data=tiny_images(), **QUIET)
+    assert [rec["train_loss"][0] is None for rec in m["layers"]] == [True, False] * 3  # step 0: odd blocks only
+
+
 def test_sff_learns_the_tiny_task():
     m = train(TrainConfig(method="sff", model="cnn", **dict(TINY, epochs=4)), data=tiny_images(n_train=128), **QUIET)
     assert m["test_accuracy"] > 0.6 and m["head"]["kind"].startswith("per-class")  # chance is 0.25
@@ -189,6 +194,17 @@ def test_sff_learns_the_tiny_task():
 def test_config_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw).resolved()
+
+
+def test_block_channels_match_the_models_and_sffa_needs_even_ones():
+    from ffkern.train.conv_models import block_channels
+    from ffkern.train.trainer import check_compatible
+
+    for kind, depth in (("cnn", 6), ("cnn", 12), ("resnet18", None), ("mobilenetv3", None)):
+        enc = build_conv_encoder(kind, (1, 8, 8), 4, width=0.3, depth=depth)
+        assert block_channels(kind, 0.3, depth) == enc.block_channels
+    with pytest.raises(ValueError, match="odd number of channels"):
+        check_compatible(TrainConfig(method="sffa", model="cnn", width=0.3).resolved(), tiny_images())
 
 
 def test_pipeline_refuses_olu_and_conv_models():

@@ -254,6 +254,17 @@ class MobileNetV3Encoder(ConvEncoder):
         self.feature_dim = ch(MOBILENETV3_LAST)
 
 
+def block_channels(kind: str, width: float, depth: Optional[int] = None) -> List[int]:
+    """The output channels of each block of a conv model, without building it (config checks)."""
+    depth = default_depth(kind) if depth is None else depth
+    if kind == "cnn":
+        return [scaled(c, width) for c, _ in CNN_LAYOUTS[depth]]
+    if kind == "resnet18":
+        return [scaled(c, width) for c, _ in RESNET18_STAGES]
+    outs = [make_divisible(out_c * width) for _, _, out_c, _, _, _ in MOBILENETV3_SMALL]
+    return outs[:-1] + [make_divisible(MOBILENETV3_LAST * width)]
+
+
 def build_conv_encoder(kind: str, sample_shape, num_classes: int, *, width: float = 1.0, depth: Optional[int] = None,
                        norm: str = "batch", label_input: bool = False, seed: int = 0) -> ConvEncoder:
     if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:

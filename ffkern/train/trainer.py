@@ -17,7 +17,7 @@ from . import rng
 from .bp import train_bp
 from .data import Augment, Dataset, batches, check_data_config, dataset_for, input_abs_max, load_dataset  # noqa: F401
 from .heads import accuracy, goodness_logits, layer_features, train_linear_head
-from .conv_models import CONV_MODELS, NORMS, check_depth, default_depth
+from .conv_models import CONV_MODELS, NORMS, block_channels, check_depth, default_depth
 from .layerwise import LocalLayer, make_local_layers, olu_train_step, run_layers
 from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective
 from .metrics import History, format_table
@@ -184,6 +184,11 @@ def check_compatible(cfg: TrainConfig, data: Dataset) -> None:
     if cfg.model in CONV_MODELS and len(data.sample_shape) != 3:
         raise ValueError(f"model {cfg.model!r} needs image inputs [N, C, H, W] or [N, H, W], but dataset {data.name}"
                          f" holds vectors of shape {list(data.sample_shape)}; use --model mlp")
+    if cfg.method == "sffa" and cfg.model in CONV_MODELS:
+        odd = [l for l, c in enumerate(block_channels(cfg.model, cfg.width, cfg.depth)) if c % 2]
+        if odd:
+            raise ValueError(f"method 'sffa' splits each block's channels into two halves, but with width (--width)"
+                             f" {cfg.width} block(s) {odd} of model {cfg.model!r} have an odd number of channels")
     if cfg.method == "sff" and cfg.backend not in ("auto", "reference"):
         raise ValueError(f"method 'sff': the per-class goodness loss has no {cfg.backend!r} kernel yet (only the"
                          f" reference); use --backend auto or reference")
@@ -389,7 +394,11 @@ def stage1(cfg: TrainConfig, encoder, layers, data: Dataset, augment: Augment, h
         history.end_epoch()
         warn_nonfinite(history, epoch, warned, log)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=" ".join(f"{history.last(l, 'train_loss'):.3f}" for l in range(len(layers))))
+            bar.set_postfix(loss=" ".join(_loss_text(history.last(l, "train_loss")) for l in range(len(layers))))
+
+
+def _loss_text(value) -> str:
+    return "-" if value is None else f"{value:.3f}"  # None: a block OLU did not train in this epoch
 
 
 def warn_nonfinite(history: History, epoch: int, warned: set, log: Callable[[str], None], first_layer: int = 0) -> None:
@@ -397,7 +406,7 @@ def warn_nonfinite(history: History, epoch: int, warned: set, log: Callable[[str
     the metrics). ``first_layer``: the global index of the history's first layer (a pipeline stage)."""
     for l in range(len(history.names)):
         value = history.last(l, "train_loss")
-        if not math.isfinite(value) and l not in warned:
+        if value is not None and not math.isfinite(value) and l not in warned:  # None: not trained this epoch (OLU)
             warned.add(l)
             log(f"warning: layer {first_layer + l} had a non-finite training loss ({value}) in epoch {epoch + 1}"
                 " (at least one batch); its epoch mean is recorded as null")
@@ -441,7 +450,8 @@ def predict_sff(cfg: TrainConfig, encoder, objectives, data: Dataset, autocast_d
     test_logits = logits(data.x_test)
     return {"valid_accuracy": accuracy(logits(data.x_valid), data.y_valid),
             "test_accuracy": accuracy(test_logits, data.y_test), **topk_results(cfg, test_logits, data.y_test),
-            "head": {"kind": "per-class goodness (scaled), averaged over all blocks"}}
+            "head": {"kind": "per-class goodness (scaled), averaged over all blocks",
+                     "loss_backend": "reference"}}  # no other backend has the per-class kernel yet
 
 
 @torch.no_grad()
