@@ -60,8 +60,36 @@ FFKERN_ALWAYS_INLINE float exp(float x) {
   return (x == x) ? y : x;
 }
 
+// exp for arguments known to be <= 0 up to rounding (l - max, l - L in the SupCon loops): the same
+// polynomial without the overflow clamp and its select (x < 88 is all that is needed).
+FFKERN_ALWAYS_INLINE float exp_nonpositive(float x) {
+  constexpr float kLo = -87.3f;
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693145751953125f;
+  constexpr float kLn2Lo = 1.428606765330187045e-06f;
+  constexpr float kRound = 12582912.0f;
+  float xc = x < kLo ? kLo : x;
+  xc = (xc == xc) ? xc : 0.0f;  // keep NaN out of the integer conversion
+  const float kf = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - kf * kLn2Hi) - kf * kLn2Lo;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float y = x < kLo ? 0.0f : p * scale;
+  return (x == x) ? y : x;
+}
+
 // float64 keeps the library exp (exact to the last ulp; used by gradcheck).
 FFKERN_ALWAYS_INLINE double exp(double x) { return std::exp(x); }
+FFKERN_ALWAYS_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
 // float32 -> bfloat16 bits, rounded to nearest even (as c10::BFloat16 rounds); NaN stays a quiet
 // NaN. Integer ops only, so that a conversion loop vectorizes.

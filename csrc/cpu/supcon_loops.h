@@ -57,7 +57,7 @@ template <typename T>
 FFKERN_ALWAYS_INLINE T sum_exp(const T* l, int64_t cols, T shift) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t j = 0; j < cols; ++j) acc += simd::exp(l[j] - shift);
+  for (int64_t j = 0; j < cols; ++j) acc += simd::exp_nonpositive(l[j] - shift);
   return acc;
 }
 
@@ -98,7 +98,7 @@ FFKERN_ALWAYS_INLINE void pair_term_one_exp_range(T* l, const int32_t* y, const 
     const T sm = s + margin;
     const T t = pos ? (T(1) < sm ? T(1) : sm) : s;
     const T v = t * inv_tau;
-    const T g = simd::exp(v - lse_max) * (alpha_k + alpha_c[j]) - (pos ? b_k + b_c[j] : T(0));
+    const T g = simd::exp_nonpositive(v - lse_max) * (alpha_k + alpha_c[j]) - (pos ? b_k + b_c[j] : T(0));
     l[j] = (pos & (sm > T(1))) ? T(0) : g;
   }
 }
