@@ -48,6 +48,23 @@ def test_models_shapes(kind, depth, side, blocks, out):
     assert enc(torch.randn(2, 3, side, side), torch.tensor([0, 1])).shape == (2, out[0])
 
 
+@pytest.mark.parametrize("kind", ["cnn", "resnet18", "mobilenetv3"])
+def test_channels_last_maps_reach_the_losses_without_a_copy(kind):
+    from ffkern import flat_features
+    from ffkern.train.conv_models import MapLayerNorm
+
+    x = torch.randn(3, 2, 4, 5)
+    assert torch.allclose(MapLayerNorm()(x), F.layer_norm(x, x.shape[1:]), atol=1e-5)
+    enc = build_conv_encoder(kind, (3, 8, 8), 4, width=0.125, label_input=True).set_channels_last()
+    ref = build_conv_encoder(kind, (3, 8, 8), 4, width=0.125, label_input=True)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    h, g = enc.embed_labels(enc.prepare(x), y), ref.embed_labels(ref.prepare(x), y)
+    for layer, plain in zip(enc.layers, ref.layers):
+        h, g = layer(h), plain(g)
+        assert h.is_contiguous(memory_format=torch.channels_last) and flat_features(h).data_ptr() == h.data_ptr()
+    assert torch.allclose(h, g, atol=1e-4)  # the same network in the other layout
+
+
 def test_cnn_layouts_are_the_trifectas():
     assert [c for c, _ in CNN_SMALL] == [128, 128, 256, 256, 256, 512]
     assert [i for i, (_, pool) in enumerate(CNN_SMALL) if pool] == [0, 2, 5]
@@ -160,7 +177,8 @@ TINY = dict(epochs=1, width=0.125, batch_size=32, head_epochs=2, backend="refere
 RUNS = [("cnn", "symba", {}), ("cnn", "symba", {"olu": True}), ("cnn", "ff", {"norm": "layer"}), ("cnn", "sffa", {}),
         ("cnn", "cff", {}), ("cnn", "sff", {}), ("cnn", "bp", {}), ("cnn", "symba", {"ff_predict": "head"}),
         ("resnet18", "sff", {}), ("resnet18", "symba", {}), ("resnet18", "bp", {}),
-        ("mobilenetv3", "sff", {}), ("mobilenetv3", "cff", {})]
+        ("mobilenetv3", "sff", {}), ("mobilenetv3", "cff", {}), ("cnn", "sffa", {"channels_last": True}),
+        ("resnet18", "symba", {"channels_last": True, "olu": True})]
 
 
 @pytest.mark.parametrize("model,method,extra", RUNS, ids=[f"{m}-{t}-{'-'.join(e)}" for m, t, e in RUNS])

@@ -130,6 +130,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         " --pipeline): rank r trains a contiguous group of layers; same result as without it")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast of the layers (GPU only; default off)")
     g.add_argument("--compile", action="store_true", help="torch.compile every layer (default off)")
+    g.add_argument("--channels-last", action="store_true",
+                   help="conv models: weights and maps channels-last (NHWC; faster convolutions on a GPU; default off)")
     g.add_argument("--threads", type=_POSITIVE, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy shared machine)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")

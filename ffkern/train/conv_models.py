@@ -76,7 +76,9 @@ class MapLayerNorm(nn.Module):
     """Layer norm of each sample over [C, H, W], no affine: between blocks of the block-wise nets."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[1:])
+        # F.layer_norm's formula written out: elementwise ops keep a channels-last map channels-last
+        var, mean = torch.var_mean(x, dim=(1, 2, 3), correction=0, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + 1e-5)
 
 
 class LabelChannel(nn.Module):
@@ -154,6 +156,8 @@ class InvertedResidual(nn.Module):
 class ConvEncoder(Encoder):
     """Base of the conv encoders: image in, [B, C, H, W] per block, global average pooling."""
 
+    channels_last = False  # set_channels_last(): NHWC maps throughout (tensor cores on a GPU)
+
     def __init__(self, sample_shape: Sequence[int], num_classes: int, label_input: bool):
         super().__init__(num_classes, label_input)
         if len(sample_shape) != 3:
@@ -167,14 +171,23 @@ class ConvEncoder(Encoder):
     def label_parts(self) -> List[nn.Module]:
         return [LabelChannel(self.num_classes, self.height, self.width_px)] if self.label_input else []
 
+    def set_channels_last(self, on: bool = True) -> "ConvEncoder":
+        """Stores the weights and every map channels-last; the goodness losses read those maps
+        without a copy either way (ffkern.feature_maps)."""
+        self.channels_last = bool(on)
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x if x.dim() == 4 else x.unsqueeze(1)
+        return self._layout(x if x.dim() == 4 else x.unsqueeze(1))
 
     def embed_labels(self, inp: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """Appends the label-index channel (see the module docstring); None: the neutral label."""
         b = inp.shape[0]
         code = inp.new_full((b,), -1.0) if labels is None else labels.to(inp.dtype)
-        return torch.cat([inp, code[:, None, None, None].expand(b, 1, *inp.shape[2:])], 1)
+        return self._layout(torch.cat([inp, code[:, None, None, None].expand(b, 1, *inp.shape[2:])], 1))
 
     def pool(self, h: torch.Tensor) -> torch.Tensor:
         return h.mean((2, 3))

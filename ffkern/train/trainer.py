@@ -89,6 +89,7 @@ class TrainConfig:
     olu: bool = False  # overlapping local updates (the Trifecta): a block's loss also trains its predecessor
     norm: str = "batch"  # the cnn's block norm: "batch" (BatchNorm2d, the Trifecta's) or "layer" (LayerNorm([C,H,W]))
     class_scale: float = 1.0  # sff: initial value of each block's learned scale of the class goodness
+    channels_last: bool = False  # conv models: weights and maps stored channels-last (NHWC)
 
     def resolved(self) -> "TrainConfig":
         """Checks every option (ValueError/TypeError naming it) and fills the defaults."""
@@ -135,6 +136,9 @@ class TrainConfig:
         if filled.olu and filled.method == "bp":
             raise ValueError("olu=True (--olu) is a schedule of local updates; method 'bp' has none (use --method symba,"
                              " ff, sffa, cff or sff)")
+        if filled.channels_last and not conv:
+            raise ValueError(f"channels_last=True (--channels-last) is a memory layout of the conv models' maps; model"
+                             f" {filled.model!r} has none")
         if filled.norm != "batch" and filled.model != "cnn":
             raise ValueError(f"norm={filled.norm!r} (--norm) chooses the cnn's block norm; model {filled.model!r} has its own")
         if filled.model == "vit" and filled.width % filled.heads:  # attention splits E into H equal heads
@@ -236,9 +240,12 @@ def build_model(cfg: TrainConfig, data: Dataset) -> Encoder:
     layer (rng.INIT streams), so every process of a pipeline can build it and keep its own layers."""
     patch = (cfg.patch_size or default_patch(data.sample_shape)) if cfg.model == "vit" else 1
     label_scale = input_abs_max(data.x_train) if cfg.method in FF_FAMILY else 1.0  # FF's label: a bright "pixel"
-    return build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.depth,
-                         heads=cfg.heads, patch_size=patch, label_input=cfg.method in FF_FAMILY,
-                         label_scale=label_scale, seed=cfg.seed, norm=cfg.norm).to(data.x_train.device)
+    encoder = build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.depth,
+                            heads=cfg.heads, patch_size=patch, label_input=cfg.method in FF_FAMILY,
+                            label_scale=label_scale, seed=cfg.seed, norm=cfg.norm)
+    if cfg.channels_last:
+        encoder.set_channels_last()
+    return encoder.to(data.x_train.device)
 
 
 def build_augment(cfg: TrainConfig, data: Dataset) -> Augment:
