@@ -53,6 +53,7 @@ def test_channels_last_maps_reach_the_losses_without_a_copy(kind):
     from ffkern import flat_features
     from ffkern.train.conv_models import MapLayerNorm
 
+    torch.manual_seed(0)
     x = torch.randn(3, 2, 4, 5)
     assert torch.allclose(MapLayerNorm()(x), F.layer_norm(x, x.shape[1:]), atol=1e-5)
     enc = build_conv_encoder(kind, (3, 8, 8), 4, width=0.125, label_input=True).set_channels_last()
@@ -62,7 +63,9 @@ def test_channels_last_maps_reach_the_losses_without_a_copy(kind):
     for layer, plain in zip(enc.layers, ref.layers):
         h, g = layer(h), plain(g)
         assert h.is_contiguous(memory_format=torch.channels_last) and flat_features(h).data_ptr() == h.data_ptr()
-    assert torch.allclose(h, g, atol=1e-4)  # the same network in the other layout
+    # The same network in the other layout (float32 sums in another order, through up to 11 blocks
+    # with batch norm over 4 samples: differences up to 1e-4 of values up to 5 seen)
+    assert torch.allclose(h, g, rtol=1e-3, atol=1e-3)
 
 
 def test_cnn_layouts_are_the_trifectas():
@@ -178,7 +181,7 @@ RUNS = [("cnn", "symba", {}), ("cnn", "symba", {"olu": True}), ("cnn", "ff", {"n
         ("cnn", "cff", {}), ("cnn", "sff", {}), ("cnn", "bp", {}), ("cnn", "symba", {"ff_predict": "head"}),
         ("resnet18", "sff", {}), ("resnet18", "symba", {}), ("resnet18", "bp", {}),
         ("mobilenetv3", "sff", {}), ("mobilenetv3", "cff", {}), ("cnn", "sffa", {"channels_last": True}),
-        ("resnet18", "symba", {"channels_last": True, "olu": True})]
+        ("resnet18", "symba", {"channels_last": True, "olu": True}), ("resnet18", "sff", {"ff_predict": "head"})]
 
 
 @pytest.mark.parametrize("model,method,extra", RUNS, ids=[f"{m}-{t}-{'-'.join(e)}" for m, t, e in RUNS])
@@ -192,6 +195,8 @@ def test_one_epoch_of_each_model_and_method(model, method, extra):
         assert "margin" in rec and len(rec["train_loss"]) == 1
         assert all(v is not None and math.isfinite(v) for v in rec["train_loss"] + rec["valid_loss"])
     json.dumps(m)
+    if method == "sff":
+        assert m["head"]["kind"].startswith("per-class" if extra.get("ff_predict", "goodness") == "goodness" else "linear")
 
 
 def test_olu_with_one_step_per_epoch_records_the_untrained_blocks_as_null():

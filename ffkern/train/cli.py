@@ -122,7 +122,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--class-scale", type=_RATE, default=1.0,
                    help="sff: initial value of each block's learned scale of the class goodness (default: 1)")
     g.add_argument("--ff-predict", choices=("goodness", "head"), default="goodness",
-                   help="FF family: try every label (goodness, default) or a linear head on the neutral-label features")
+                   help="FF family: try every label (goodness, default) or a linear head on the neutral-label features;"
+                        " sff: the class goodness averaged over blocks (goodness) or a linear head on the last block")
     g.add_argument("--backend", default="auto", help="ffkern loss backend: auto (default), reference, triton or cpp")
     g = p.add_argument_group("speed")
     g.add_argument("--pipeline", action="store_true",

@@ -338,7 +338,7 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
         layers = build_local_layers(cfg, encoder)
         history = History([f"layer {l}" for l in range(cfg.depth)], layer_margins(cfg))
         stage1(cfg, encoder, layers, data, augment, history, bar, log)
-        if cfg.method == "sff":
+        if cfg.method == "sff" and cfg.ff_predict == "goodness":
             result.update(predict_sff(cfg, encoder, [layer.objective for layer in layers], data, autocast_dtype))
         else:
             result.update(predict(cfg, encoder, data, autocast_dtype))
@@ -431,7 +431,7 @@ def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
 
     def feats(x):
         per_layer = layer_features(encoder, x, autocast_dtype=autocast_dtype)
-        if cfg.method == "cff":
+        if cfg.method in ("cff", "sff"):  # sff with --ff-predict head: no label input, as cff
             return per_layer[-1]
         # FF family with a head (Hinton 2022): all layers but the first, neutral label.
         return torch.cat(per_layer[1:] if len(per_layer) > 1 else per_layer, 1)
