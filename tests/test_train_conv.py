@@ -228,6 +228,12 @@ def test_block_channels_match_the_models_and_sffa_needs_even_ones():
         assert block_channels(kind, 0.3, depth) == enc.block_channels
     with pytest.raises(ValueError, match="odd number of channels"):
         check_compatible(TrainConfig(method="sffa", model="cnn", width=0.3).resolved(), tiny_images())
+    with pytest.raises(ValueError, match="no 'cpp' kernel yet"):  # before any build or step
+        check_compatible(TrainConfig(method="sff", model="cnn", backend="cpp").resolved(), tiny_images())
+    with pytest.raises(ValueError, match="image inputs"):
+        vectors = Dataset("vec", torch.randn(8, 5), torch.arange(8) % 2, torch.randn(4, 5), torch.arange(4) % 2,
+                          torch.randn(4, 5), torch.arange(4) % 2, 2)
+        check_compatible(TrainConfig(method="symba", model="cnn").resolved(), vectors)
 
 
 def test_pipeline_refuses_olu_and_conv_models():
