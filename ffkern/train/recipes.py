@@ -68,7 +68,7 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in [
            ("--method", "symba", "--alpha", "4", "--model", "cnn", "--olu", "--dataset", "cifar10",
             "--batch-size", "512", "--lr", "1e-3", "--epochs", "100", "--crop-pad", "4", "--rotate", "15",
             "--no-flip", "--noise", "0", "--ff-predict", "goodness"),
-           needs="--model cnn and --olu (the convolutional networks of issue 12)"),
+           "prediction sums the goodness of every block (the Trifecta uses the last block's only)"),
     # SFFA (Terres-Escudero et al.): the seed text here is the abstract only; its code uses Adam
     # 1e-4 and batch 512 (SPEC 4). MNIST accuracy: not in the seed text.
     Recipe("sffa-mnist-mlp", "SFFA (Terres-Escudero et al.), MNIST MLP", "not stated in the seed text",
