@@ -160,7 +160,9 @@ def supcon(args):
     n = args.n
     variants = supcon_variants(n)
     if args.only:
-        variants = {k: v for k, v in variants.items() if any(o in k for o in args.only)}
+        # "=name" selects that variant exactly, anything else by substring
+        variants = {k: v for k, v in variants.items()
+                    if any(k == o[1:] if o.startswith("=") else o in k for o in args.only)}
     for call in variants.values():  # build / load, warm up
         call()
     samples = {k: [] for k in variants}
@@ -243,6 +245,13 @@ def ff_calls(case, layout, numel, provider):
             for t in inputs:  # read + write each input once, into a fresh tensor as the kernels' outputs are
                 t.detach().clone()
         return call, 2 * 4 * numel * len(inputs)
+    if provider == "copy_":
+        outs = [torch.empty_like(t) for t in inputs]
+
+        def call():
+            for o, t in zip(outs, inputs):  # the same into preallocated tensors: no page faults
+                o.copy_(t.detach())
+        return call, 2 * 4 * numel * len(inputs)
     fn = loss_fn("cpp" if provider == "cpp" else None)
     if provider == "compile":
         fn = torch.compile(fn, fullgraph=True, dynamic=False)
@@ -261,7 +270,10 @@ def ff(args):
     dynamo_config.cache_size_limit = max(getattr(dynamo_config, "cache_size_limit", 8), 256)
     if hasattr(dynamo_config, "recompile_limit"):
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
-    record = {"machine": machine(), "repeats": args.repeats, "tokens": TOKENS, "features": FEATURES, "figures": []}
+    record = {"machine": machine(), "repeats": args.repeats, "tokens": TOKENS, "features": FEATURES, "figures": [],
+              "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+              "bytes": "cpp/compile/eager: 3 x 4 x numel per input (forward read, backward read + write); "
+                       "copy: 2 x 4 x numel per input (clone: fresh output; copy_: preallocated)"}
     print(f"FF losses fwd+bwd, fp32, {record['machine']['threads']} threads, torch {torch.__version__}; "
           f"min of {args.repeats} interleaved repeats; GB/s = bytes the fused kernels must move / time")
     with load_probe(record):
@@ -269,7 +281,7 @@ def ff(args):
             numel = 1 << log2
             for layout in args.layouts:
                 for case in args.cases:
-                    calls = {p: ff_calls(case, layout, numel, p) for p in ("copy", "cpp", "compile", "eager")}
+                    calls = {p: ff_calls(case, layout, numel, p) for p in ("copy", "copy_", "cpp", "compile", "eager")}
                     for call, _ in calls.values():
                         call(); call()  # compile / warm up
                     times = {p: [] for p in calls}
@@ -283,12 +295,15 @@ def ff(args):
                     copy_bw = calls["copy"][1] / fig["min_s"]["copy"]
                     kernel_bytes = calls["cpp"][1]
                     fig["copy_GBps"] = copy_bw / 1e9
+                    fig["copy_prealloc_GBps"] = calls["copy_"][1] / fig["min_s"]["copy_"] / 1e9
+                    fig["cpp_fraction_of_copy_prealloc"] = kernel_bytes / fig["min_s"]["cpp"] / 1e9 / fig["copy_prealloc_GBps"]
                     fig["GBps"] = {p: kernel_bytes / fig["min_s"][p] / 1e9 for p in ("cpp", "compile", "eager")}
                     fig["cpp_fraction_of_copy"] = fig["GBps"]["cpp"] / fig["copy_GBps"]
                     fig["cpp_speedup_over_compile"] = fig["min_s"]["compile"] / fig["min_s"]["cpp"]
                     record["figures"].append(fig)
-                    print(f"  2^{log2} {layout:3s} {case:8s} copy {fig['copy_GBps']:5.1f} GB/s | cpp {fig['GBps']['cpp']:5.1f} "
-                          f"({100 * fig['cpp_fraction_of_copy']:3.0f}% of copy) compile {fig['GBps']['compile']:5.1f} "
+                    print(f"  2^{log2} {layout:3s} {case:8s} copy {fig['copy_GBps']:5.1f} (prealloc {fig['copy_prealloc_GBps']:5.1f}) GB/s"
+                          f" | cpp {fig['GBps']['cpp']:5.1f} ({100 * fig['cpp_fraction_of_copy']:3.0f}% of copy, "
+                          f"{100 * fig['cpp_fraction_of_copy_prealloc']:3.0f}% of prealloc) compile {fig['GBps']['compile']:5.1f} "
                           f"eager {fig['GBps']['eager']:5.1f} GB/s | cpp {fig['cpp_speedup_over_compile']:.2f}x compile "
                           f"[{load_note(fig)}]", flush=True)
                     torch._dynamo.reset()
@@ -311,7 +326,7 @@ def main(argv):
     s = sub.add_parser("supcon")
     s.add_argument("--n", type=int, default=8192)
     s.add_argument("--repeats", type=int, default=3)
-    s.add_argument("--only", nargs="*", help="substrings of the variant names to run")
+    s.add_argument("--only", nargs="*", help="substrings of the variant names to run ('=name': exactly that one)")
     s.add_argument("--json")
     f = sub.add_parser("ff")
     f.add_argument("--log2-sizes", type=int, nargs="+", default=[20, 22, 24])
