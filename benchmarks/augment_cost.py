@@ -21,11 +21,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
+
+from ffkern.bench.devinfo import cpu_name
 
 SETTINGS = {
     "none": dict(shift=0, noise=0.0),
@@ -52,17 +53,6 @@ def _median_time(fn, device, warmup, steps):
         _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> dict:
@@ -125,7 +115,7 @@ def main(argv=None) -> dict:
 
     report = {
         "model": f"ViT[{args.width} {args.heads} {args.depth}], patch 4, CIFAR-10 shape, batch {args.batch}, two views",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{_cpu_name()}, {os.cpu_count()} cores",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} cores",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "date": datetime.date.today().isoformat(), "loss_backend": args.backend, "results": results,
