@@ -2,6 +2,7 @@
 
 marginal_supcon.py  tiled forward (online logsumexp) and symmetric one-sweep backward of SPEC 1
 ff_goodness.py      one-pass goodness / FF / SymBa / SFFA forward and backward of SPEC 2
+per_class_goodness.py  fused per-class goodness loss of SPEC 2.2 (its operators registered there)
 _ops.py             the launchers as operators torch.ops.ffkern_triton::* with autograd (so that
                     torch.compile(fullgraph=True) treats them as opaque calls)
 Importing this module imports triton; ffkern itself imports it only when the backend is used.
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from ffkern.per_class import kernel_scale
 from ffkern.reference import row_scale
 
-from . import _ops, marginal_supcon
+from . import _ops, marginal_supcon, per_class_goodness  # noqa: F401 (registers the operators)
 from ._launch import unavailable_reason
 
 _OPS = torch.ops.ffkern_triton
@@ -47,3 +49,10 @@ class TritonBackend:
     def pair_loss(self, loss, h_pos, h_neg, param, kind, skip_tokens):
         param = 0.0 if param is None else float(param)  # sffa has no parameter
         return _OPS.pair_loss(h_pos, h_neg, loss, param, kind, int(skip_tokens))[0]
+
+    def class_goodness(self, h, weight, bias):
+        return _OPS.class_goodness(h, weight.reshape(weight.shape[0], -1), bias)
+
+    def per_class_loss(self, h, weight, labels, bias, scale, reduction):
+        return _OPS.per_class_loss(h, weight.reshape(weight.shape[0], -1), labels.contiguous(), bias,
+                                   kernel_scale(scale, h), reduction)[0]

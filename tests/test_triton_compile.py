@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_toolchain  # noqa: E402
 
 MIN_CONFIGS = 80  # every SupCon and FF configuration of all_launch_cases()
+PER_CLASS_CONFIGS = 36  # kernels/per_class_goodness.py's aot_launch_cases(): 3 shapes x 3 dtypes x 2 layouts x 2
 
 
 def _run_checks(jobs):
@@ -26,7 +27,8 @@ def _run_checks(jobs):
     outputs = [p.communicate(timeout=1500)[0] for p in procs]
     for (python, cap), proc, out in zip(jobs, procs, outputs):
         assert proc.returncode == 0, f"{python} sm_{cap}:\n{out}"
-        assert out.count(" ok\n") >= MIN_CONFIGS, out
+        assert out.count(" ok\n") >= MIN_CONFIGS + PER_CLASS_CONFIGS, out
+        assert sum(1 for line in out.splitlines() if " per_class " in line and line.endswith(" ok")) == PER_CLASS_CONFIGS, out
 
 
 @pytest.mark.skipif(not _backend.triton_importable(), reason="triton is not installed")

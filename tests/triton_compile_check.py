@@ -15,7 +15,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
 
-from ffkern.kernels import _aot  # noqa: E402
+from ffkern.kernels import _aot, per_class_goodness  # noqa: E402
+
+
+def launch_cases():
+    """Every recorded launch: kernels/_aot.py's (SupCon, FF) and the per-class loss's."""
+    yield from _aot.all_launch_cases()
+    yield from per_class_goodness.aot_launch_cases()
+
 
 # The GPU machines' architecture: spills fail there. On sm_80 they are reported, not failed (the
 # tiles are chosen for sm_90; ptxas for sm_80 spills a few bytes in two FF configurations).
@@ -25,7 +32,7 @@ SPILL_FREE = (90,)
 def main(capabilities):
     failures = 0
     for capability in capabilities:
-        for what, launch in _aot.all_launch_cases():
+        for what, launch in launch_cases():
             try:
                 compiled = _aot.compile_launch(launch, capability)
                 res = _aot.ptxas_resources(compiled, capability)
