@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..per_class import kernel_scale
 from ..reference import normalize_rows
 from . import build
 
@@ -52,6 +53,17 @@ class CppBackend:
     def pair_loss(self, loss, h_pos, h_neg, param, kind, skip_tokens):
         param = 0.0 if param is None else float(param)  # sffa has no parameter
         return _ops().pair_loss(h_pos, h_neg, loss, param, kind, int(skip_tokens))
+
+    def class_goodness(self, h, weight, bias):
+        from . import per_class_ops  # the per-class operators' registrations (loads the library)
+
+        return per_class_ops.OPS.class_goodness(h, weight.reshape(weight.shape[0], -1), bias)
+
+    def per_class_loss(self, h, weight, labels, bias, scale, reduction):
+        from . import per_class_ops
+
+        return per_class_ops.OPS.per_class_loss(h, weight.reshape(weight.shape[0], -1), labels, bias,
+                                                kernel_scale(scale, h), reduction)[0]
 
 
 __all__ = ["CppBackend"]
