@@ -36,7 +36,7 @@ TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
 
 
 def test_kernel_files_exist():
-    assert [p.name for p in KERNEL_FILES] == ["ff_kernels.cu", "supcon_kernels.cu"]
+    assert [p.name for p in KERNEL_FILES] == ["ff_kernels.cu", "per_class_kernels.cu", "supcon_kernels.cu"]
     for path in KERNEL_FILES:
         assert "torch" not in "".join(line for line in path.read_text().splitlines() if line.startswith("#include"))
 
