@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../per_class_common.h"
+#include "simd.h"
 
 TORCH_LIBRARY(ffkern_per_class, m) {
   m.set_python_module("ffkern.cpp.per_class_ops");
@@ -78,7 +79,7 @@ void load_tile(const scalar_t* hb, const MapShape& s, int64_t p0, int64_t n, acc
 
 // z [K, kTile] = W hv + bias, zero past n.
 template <typename acc_t>
-void class_maps(const acc_t* w, const acc_t* bias, const acc_t* hv, int64_t classes, int64_t channels, int64_t n,
+FFKERN_ALWAYS_INLINE void class_maps(const acc_t* w, const acc_t* bias, const acc_t* hv, int64_t classes, int64_t channels, int64_t n,
                 acc_t* z) {
   for (int64_t k = 0; k < classes; ++k) {
     acc_t* zk = z + k * kTile;
@@ -94,6 +95,65 @@ void class_maps(const acc_t* w, const acc_t* bias, const acc_t* hv, int64_t clas
   }
 }
 
+// dh tile [C, kTile] = W^T dz; dW [K, C] += dz hv^T, summed over the n positions in order (vector
+// lanes over the channels: no horizontal sums).
+template <typename acc_t>
+FFKERN_ALWAYS_INLINE void tile_backward_impl(const acc_t* w, const acc_t* hv, const acc_t* dz, int64_t classes,
+                                             int64_t channels, int64_t n, acc_t* hvt, acc_t* dht, acc_t* dw) {
+  for (int64_t c = 0; c < channels; ++c) {
+    acc_t* out = dht + c * kTile;
+    for (int64_t j = 0; j < kTile; ++j) out[j] = acc_t(0);
+    for (int64_t k = 0; k < classes; ++k) {
+      const acc_t wkc = w[k * channels + c];
+      const acc_t* dzk = dz + k * kTile;
+      for (int64_t j = 0; j < kTile; ++j) out[j] += wkc * dzk[j];
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c)  // hvt [kTile, C]: the channels contiguous per position
+    for (int64_t j = 0; j < n; ++j) hvt[j * channels + c] = hv[c * kTile + j];
+  for (int64_t k = 0; k < classes; ++k) {
+    acc_t* dwk = dw + k * channels;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t a = dz[k * kTile + j];
+      const acc_t* row = hvt + j * channels;
+      for (int64_t c = 0; c < channels; ++c) dwk[c] += a * row[c];
+    }
+  }
+}
+
+// The hot loops per accumulation type, compiled per instruction set (simd.h's FFKERN_CLONES).
+FFKERN_CLONES void class_maps_f(const float* w, const float* bias, const float* hv, int64_t classes, int64_t channels,
+                                int64_t n, float* z) {
+  class_maps(w, bias, hv, classes, channels, n, z);
+}
+FFKERN_CLONES void class_maps_d(const double* w, const double* bias, const double* hv, int64_t classes,
+                                int64_t channels, int64_t n, double* z) {
+  class_maps(w, bias, hv, classes, channels, n, z);
+}
+inline void class_maps_any(const float* w, const float* b, const float* hv, int64_t k, int64_t c, int64_t n, float* z) {
+  class_maps_f(w, b, hv, k, c, n, z);
+}
+inline void class_maps_any(const double* w, const double* b, const double* hv, int64_t k, int64_t c, int64_t n,
+                           double* z) {
+  class_maps_d(w, b, hv, k, c, n, z);
+}
+FFKERN_CLONES void tile_backward_f(const float* w, const float* hv, const float* dz, int64_t classes, int64_t channels,
+                                   int64_t n, float* hvt, float* dht, float* dw) {
+  tile_backward_impl(w, hv, dz, classes, channels, n, hvt, dht, dw);
+}
+FFKERN_CLONES void tile_backward_d(const double* w, const double* hv, const double* dz, int64_t classes,
+                                   int64_t channels, int64_t n, double* hvt, double* dht, double* dw) {
+  tile_backward_impl(w, hv, dz, classes, channels, n, hvt, dht, dw);
+}
+inline void tile_backward(const float* w, const float* hv, const float* dz, int64_t k, int64_t c, int64_t n,
+                          float* hvt, float* dht, float* dw) {
+  tile_backward_f(w, hv, dz, k, c, n, hvt, dht, dw);
+}
+inline void tile_backward(const double* w, const double* hv, const double* dz, int64_t k, int64_t c, int64_t n,
+                          double* hvt, double* dht, double* dw) {
+  tile_backward_d(w, hv, dz, k, c, n, hvt, dht, dw);
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_kernel(const at::Tensor& h, const MapShape& s, const acc_t* w, const acc_t* bias, const int64_t* labels,
                     acc_t scale, acc_t* g, acc_t* losses) {
@@ -107,7 +167,7 @@ void forward_kernel(const at::Tensor& h, const MapShape& s, const acc_t* w, cons
       for (int64_t p0 = 0; p0 < P; p0 += kTile) {
         const int64_t n = std::min(kTile, P - p0);
         load_tile(hdata + b * s.stride_b, s, p0, n, hv.data());
-        class_maps(w, bias, hv.data(), K, C, n, z.data());
+        class_maps_any(w, bias, hv.data(), K, C, n, z.data());
         for (int64_t k = 0; k < K; ++k) total[k] += dot_tile(z.data() + k * kTile, z.data() + k * kTile);
       }
       acc_t* gb = g + b * K;
@@ -134,7 +194,7 @@ void backward_kernel(const at::Tensor& h, const MapShape& s, const acc_t* w, con
   const acc_t two_over_p = acc_t(2) / static_cast<acc_t>(P);
   const int64_t per_chunk = (s.batch + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t q0, int64_t q1) {
-    std::vector<acc_t> hv(C * kTile), z(K * kTile), dht(C * kTile);
+    std::vector<acc_t> hv(C * kTile), z(K * kTile), dht(C * kTile), hvt(C * kTile);
     for (int64_t q = q0; q < q1; ++q) {
       acc_t* dw = dw_part + q * K * C;
       acc_t* db = db_part + q * K;
@@ -146,7 +206,7 @@ void backward_kernel(const at::Tensor& h, const MapShape& s, const acc_t* w, con
         for (int64_t p0 = 0; p0 < P; p0 += kTile) {
           const int64_t n = std::min(kTile, P - p0);
           load_tile(hb, s, p0, n, hv.data());
-          class_maps(w, bias, hv.data(), K, C, n, z.data());
+          class_maps_any(w, bias, hv.data(), K, C, n, z.data());
           for (int64_t k = 0; k < K; ++k) {  // z becomes dz = dL/dg * 2 z / P
             const acc_t a = coef[b * K + k] * two_over_p;
             acc_t* zk = z.data() + k * kTile;
@@ -157,18 +217,7 @@ void backward_kernel(const at::Tensor& h, const MapShape& s, const acc_t* w, con
             }
             db[k] += sum;
           }
-          // dh tile [C, kTile] = W^T dz; dW += dz hv^T
-          for (int64_t c = 0; c < C; ++c) {
-            acc_t* out = dht.data() + c * kTile;
-            std::fill(out, out + kTile, acc_t(0));
-            const acc_t* row = hv.data() + c * kTile;
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t wkc = w[k * C + c];
-              const acc_t* dzk = z.data() + k * kTile;
-              for (int64_t j = 0; j < kTile; ++j) out[j] += wkc * dzk[j];
-              dw[k * C + c] += dot_tile(dzk, row);
-            }
-          }
+          tile_backward(w, hv.data(), z.data(), K, C, n, hvt.data(), dht.data(), dw);
           if (ds.channels_last) {
             for (int64_t j = 0; j < n; ++j) {
               scalar_t* dp = dhb + (p0 + j) * ds.stride_p;
