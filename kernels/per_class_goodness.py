@@ -12,7 +12,7 @@ z_bk(p) = sum_c W_kc h_bc(p) + beta_k are never written to memory:
             rebuild the z tiles from h and W, and with dz = a z write dh = W^T dz (per position)
             and accumulate dW = sum dz h^T and dbias = sum dz in their own slice of a partial sum
             [G, K, C] / [G, K], which PyTorch adds up (deterministic: no atomics).
-Where the whole channel dimension fits one tile (C <= 256 at K <= 16 on a GPU), the backward reads
+Where the whole channel dimension fits one tile (C <= 128 at K <= 16 on a GPU), the backward reads
 each h tile once and keeps its dW slice in registers across all its samples; otherwise it reads
 each h tile twice (the second time from L2) and adds to its dW slice in memory.
 Compute in float32 (float64 for float64 inputs); bf16/fp16 h and W are read as they are and widened
