@@ -100,6 +100,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--e2e-warmup", type=_COUNT, default=1)
     g.add_argument("--e2e-bf16", action="store_true", help="ffkern trainer side: bf16 autocast of the layers")
     g.add_argument("--e2e-compile", action="store_true", help="ffkern trainer side: torch.compile every layer")
+    g.add_argument("--e2e-cpu-heap", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU: reuse freed memory in the benchmark's process (ffkern.cpu_heap; every loop gets it; default on)")
     p.set_defaults(func=run)
     return p
 
@@ -127,7 +129,7 @@ def _config(args: argparse.Namespace):
     steps = args.e2e_steps or (2 if args.quick else 3)
     e2e = E2EConfig(batch=batch, width=args.e2e_width, heads=args.e2e_heads, depth=args.e2e_depth,
                     steps=steps, warmup=args.e2e_warmup, ffkern_bf16=args.e2e_bf16,
-                    ffkern_compile=args.e2e_compile)
+                    ffkern_compile=args.e2e_compile, cpu_heap=args.e2e_cpu_heap)
     return SweepConfig(device=device, tag=args.tag or ("quick" if args.quick else "full"), what=tuple(args.what),
                        providers=tuple(args.providers), ff_d=args.ff_d, warmup_ms=args.warmup_ms,
                        max_mem_gb=args.max_mem_gb, max_total_s=args.max_total_s,

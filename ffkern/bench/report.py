@@ -147,7 +147,11 @@ def format_e2e(e2e: Dict) -> List[str]:
     c = e2e["config"]
     p, f = e2e["paper_style"], e2e["ffkern"]
     lines = [f"end-to-end: one CFF step of {e2e['model']}, batch {c['batch']}, two views (loss backend {e2e['loss_backend']})",
-             f"  paper-style (two forwards per layer, plain PyTorch loss): {_t(p['step_s'])} per step",
+             f"  paper-style (two forwards per layer, plain PyTorch loss, nn.MultiheadAttention): {_t(p['step_s'])} per step",
+             *([f"  paper-style on ffkern's blocks: {_t(e2e['paper_style_ffkern_blocks']['step_s'])} per step"
+                f"  (ffkern {e2e['speedup_same_blocks']:.2f}x of it)"] if "paper_style_ffkern_blocks" in e2e else []),
+             *(["  CPU memory: freed memory reused (ffkern.cpu_heap) in the benchmark's process, by every loop"]
+               if e2e.get("cpu_heap_reuse") else []),
              f"  ffkern trainer (one forward of both views, fused loss{', bf16 autocast' if c.get('ffkern_bf16') else ''}"
              f"{', compiled layers' if c.get('ffkern_compile') else ''}): {_t(f['step_s'])} per step  ({e2e['speedup']:.2f}x)",
              *([f"  UNDER LOAD: other processes kept {e2e['load']['other_processes_cores']:.2f} cores busy during these steps"
@@ -176,11 +180,12 @@ def _write_e2e_csv(path: str, e2e: Dict):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "margin", "paper_first_loss", "ffkern_first_loss", "paper_last_loss", "ffkern_last_loss",
-                    "paper_step_s", "ffkern_step_s", "speedup"])
+                    "paper_step_s", "ffkern_step_s", "speedup", "paper_ffkern_blocks_step_s", "speedup_same_blocks"])
         for l, m in enumerate(e2e["margins"]):
             w.writerow([l, m, e2e["paper_style"]["first_losses"][l], e2e["ffkern"]["first_losses"][l],
                         e2e["paper_style"]["last_losses"][l], e2e["ffkern"]["last_losses"][l],
-                        e2e["paper_style"]["step_s"], e2e["ffkern"]["step_s"], e2e["speedup"]])
+                        e2e["paper_style"]["step_s"], e2e["ffkern"]["step_s"], e2e["speedup"],
+                        (e2e.get("paper_style_ffkern_blocks") or {}).get("step_s"), e2e.get("speedup_same_blocks")])
 
 
 def _plots(results: Dict, out_dir: str) -> List[str]:
