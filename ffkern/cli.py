@@ -64,6 +64,7 @@ def main(argv=None) -> int:
         print(f"{parser.prog} train: error: {exc}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # the subcommand's own arguments (ffkern train --resume: which options were given)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -2,8 +2,11 @@
 same encoder plus a linear head (the CFF paper's "BP+CE")."""
 from __future__ import annotations
 
+from typing import Callable, Iterable, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import rng
 from .data import Augment, Dataset, batches
@@ -13,16 +16,23 @@ from .metrics import History
 from .models import Encoder
 
 
-def train_bp(encoder: Encoder, data: Dataset, history: History, *, epochs: int, batch_size: int, lr: float,
-             weight_decay: float, augment: Augment, seed: int, epoch_bar=None, autocast_dtype=None):
-    """Trains encoder + head jointly on one augmented view per batch; returns the head.
-    Records the end-to-end CE loss as the history's single "layer"."""
+def make_bp(encoder: Encoder, num_classes: int, *, lr: float, weight_decay: float, seed: int) -> Tuple[nn.Module, torch.optim.Optimizer]:
+    """The head and the one AdamW over encoder + head (a checkpoint saves and restores both)."""
+    device = next(encoder.parameters()).device
+    head = linear_head(encoder.feature_dim, num_classes, seed).to(device)
+    opt = torch.optim.AdamW(list(encoder.parameters()) + list(head.parameters()), lr=lr, weight_decay=weight_decay)
+    return head, opt
+
+
+def train_bp(encoder: Encoder, head: nn.Module, opt: torch.optim.Optimizer, data: Dataset, history: History, *,
+             epochs: Iterable[int], batch_size: int, augment: Augment, seed: int, autocast_dtype=None,
+             end_of_epoch: Optional[Callable[[int], None]] = None) -> None:
+    """Trains encoder + head jointly on one augmented view per batch, over the epochs ``epochs``
+    (a range, or a tqdm bar over one). Records the end-to-end CE loss as the history's single
+    "layer"; ``end_of_epoch(epoch)`` runs after each epoch (selection, checkpoint)."""
     device = data.x_train.device
-    head = linear_head(encoder.feature_dim, data.num_classes, seed).to(device)
-    params = list(encoder.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     amp = dict(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    for epoch in (epoch_bar if epoch_bar is not None else range(epochs)):
+    for epoch in epochs:
         encoder.train()
         head.train()
         for step, idx in enumerate(batches(len(data.y_train), batch_size, seed, epoch)):
@@ -41,6 +51,7 @@ def train_bp(encoder: Encoder, data: Dataset, history: History, *, epochs: int, 
                 xv, yv = data.x_valid[start:start + 512], data.y_valid[start:start + 512]
                 history.add("valid", 0, StepStats(F.cross_entropy(head(encoder(xv)).float(), yv), None, len(yv)))
         history.end_epoch()
-        if epoch_bar is not None and hasattr(epoch_bar, "set_postfix"):
-            epoch_bar.set_postfix(loss=f"{history.last(0, 'train_loss'):.4f}")
-    return head
+        if end_of_epoch is not None:
+            end_of_epoch(epoch)
+        if hasattr(epochs, "set_postfix_str"):
+            epochs.set_postfix_str(f"loss {history.last(0, 'train_loss'):.4f}")

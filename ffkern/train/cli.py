@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import os
 
-from .._cliargs import UsageError, as_usage_error, int_at_least, output_file, real
+from .._cliargs import UsageError, as_usage_error, int_at_least, output_dir, output_file, real
 
 # Only argparse here: torch and the trainer load when the command runs (ffkern/cli.py's rule).
 _METHODS = ("cff", "ff", "symba", "sffa", "sff", "bp")
@@ -73,6 +73,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metrics-out", metavar="FILE.json", type=output_file, default=None, help="write the metrics JSON here")
     p.add_argument("--plot", metavar="FILE.png", type=output_file, default=None,
                    help="draw per-layer loss and clipped fraction (format from the extension: .png, .pdf, .svg, ...)")
+    p.add_argument("--save", metavar="DIR", type=output_dir, default=None,
+                   help="save the run in DIR: a checkpoint after every epoch (encoder, objectives, optimizers, history),"
+                        " then the head, config.json and metrics.json (resume with --resume DIR, evaluate with ffkern eval)")
+    p.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the run saved in DIR exactly, with its options (only --epochs, to extend it, --threads"
+                        " and --data-dir may be given anew; any other option that differs is refused); saves on in DIR")
     g = p.add_argument_group("model")
     g.add_argument("--width", type=_width, default=None,
                    help="E: units per MLP layer / ViT embedding size (default: 500 MLP, 64 ViT); conv models: a channel"
@@ -121,6 +127,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         " together by the second one's loss, on odd steps (embedding,0), (1,2), ...")
     g.add_argument("--class-scale", type=_RATE, default=1.0,
                    help="sff: initial value of each block's learned scale of the class goodness (default: 1)")
+    g.add_argument("--select-encoder", choices=("best-valid", "last"), default="best-valid",
+                   help="the stage-1 encoder that prediction uses: that of the epoch with the lowest validation loss of"
+                        " the last layer (best-valid, default, as CFF) or of the last epoch")
     g.add_argument("--ff-predict", choices=("goodness", "head"), default="goodness",
                    help="FF family: try every label (goodness, default) or a linear head on the neutral-label features;"
                         " sff: the class goodness averaged over blocks (goodness) or a linear head on the last block")
@@ -138,7 +147,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--recipe", choices=recipe_names(), default=None,
                    help="set every option of one seed paper's run (list: ffkern recipes); options after it override it")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, train_parser=p)
+    e = subparsers.add_parser("eval", help="evaluate a run saved by ffkern train --save on a dataset, without training",
+                              description="Test (and validation) accuracy of the run saved in DIR: its selected encoder"
+                                          " and its head, on its own dataset or another of the same shape and classes.")
+    e.add_argument("folder", metavar="DIR", help="the folder ffkern train --save DIR wrote")
+    e.add_argument("--dataset", default=None, help="default: the run's own dataset; else as for ffkern train")
+    e.add_argument("--data-dir", metavar="DIR", default=None, help="the named dataset's folder (as for ffkern train)")
+    e.add_argument("--topk", type=_POSITIVE, default=None, metavar="K", help="also report the top-K test accuracy")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    e.add_argument("--metrics-out", metavar="FILE.json", type=output_file, default=None, help="write the results JSON here")
+    e.set_defaults(func=run_eval)
     r = subparsers.add_parser("recipes", help="the seed papers' runs by name, with the accuracy each paper reports",
                               description="The seed papers' runs: ffkern train --recipe NAME --data-dir DIR.")
     r.set_defaults(func=_print_recipes)
@@ -158,10 +177,25 @@ def _print_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, evaluate
+    from .data import MissingDependency
+
+    with as_usage_error(ValueError, FileNotFoundError, MissingDependency, CheckpointError):
+        result = evaluate(args.folder, dataset=args.dataset, data_dir=args.data_dir, topk=args.topk, device=args.device)
+    if args.metrics_out:
+        from .metrics import write_metrics
+
+        write_metrics(args.metrics_out, result)
+        print(f"results written to {args.metrics_out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from .trainer import train
 
     config, data = prepare(args)
+    save = args.save if args.save is not None else args.resume
     if args.pipeline:
         from .pipeline import train_pipeline
 
@@ -169,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         if metrics is None:  # ranks > 0: rank 0 reports and writes the files
             return 0
     else:
-        metrics = train(config, progress=not args.no_progress, data=data)
+        metrics = train(config, progress=not args.no_progress, data=data, save=save, resume=args.resume)
     if args.recipe:
         from .recipes import RECIPES
 
@@ -190,8 +224,17 @@ def prepare(args: argparse.Namespace):
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     config = TrainConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
     check_output_options(args)
+    saved = None
+    if args.resume is not None:
+        config, saved = resumed_config(args, names)
     with as_usage_error():  # these functions raise ValueError for bad input, naming it
         cfg = config.resolved()
+        if args.pipeline and (args.save or args.resume):
+            raise UsageError("--save and --resume are not offered with --pipeline yet; drop one of them")
+        if args.save is not None:
+            from .trainer import check_save_folder
+
+            check_save_folder(args.save, args.resume)
         if args.pipeline:
             from .pipeline import check_pipeline, world_size_from_env
 
@@ -206,11 +249,50 @@ def prepare(args: argparse.Namespace):
             raise UsageError(f"--topk {cfg.topk} is more than the {data.num_classes} classes of dataset {data.name}")
         check_compatible(cfg, data)
         build_augment(cfg, data)  # e.g. --randaug on data of unknown pixel scale
+        if saved is not None:
+            from .trainer import check_resume
+
+            check_resume(cfg, saved, data, args.resume)
     # Last: "auto" may build the C++ backend on first use (a minute), not worth it for a run
     # that is refused anyway.
     with as_usage_error(ValueError, BackendUnavailable, prefix=f"--backend {cfg.backend}: "):
         resolve(cfg.backend, device)
     return config, data
+
+
+def given_options(args: argparse.Namespace) -> set:
+    """The dests of the options the user gave on the command line (a recipe's count as given):
+    the train parser is run again on the same arguments with every default suppressed. Without
+    the arguments (a Namespace built in Python), the options whose value is not the default."""
+    parser, argv = getattr(args, "train_parser", None), getattr(args, "argv", None)
+    if parser is None or argv is None:
+        parser = parser or _fresh_train_parser()
+        return {a.dest for a in parser._actions if a.dest != "help" and getattr(args, a.dest, None) != a.default}
+    defaults = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in defaults:
+            a.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for a, d in defaults:
+            a.default = d
+    return set(vars(given)) - set(parser._defaults)
+
+
+def _fresh_train_parser() -> argparse.ArgumentParser:
+    return add_parser(argparse.ArgumentParser().add_subparsers())
+
+
+def resumed_config(args: argparse.Namespace, names):
+    """--resume DIR: the saved run's config with the options given on this command line put over
+    it (check_resume then refuses those that may not change). Returns (config, saved metadata)."""
+    from .checkpoint import CheckpointError, load, saved_config
+
+    with as_usage_error(CheckpointError, prefix="--resume: "):
+        meta = load(args.resume, map_location="cpu")["meta"]
+    given = given_options(args) & set(names)
+    config = dataclasses.replace(saved_config(meta), **{k: getattr(args, k) for k in given})
+    return config, meta
 
 
 def check_output_options(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -54,11 +55,13 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def train_linear_head(train_f: torch.Tensor, train_y: torch.Tensor, valid_f: torch.Tensor, valid_y: torch.Tensor,
                       num_classes: int, *, epochs: int, lr: float, batch_size: int, seed: int) -> Tuple[nn.Module, Dict]:
     """Cross-entropy training of a linear head on fixed features (stage 2). Keeps the head of the
-    epoch with the best validation accuracy (the last one when there is no validation split)."""
+    epoch with the lowest validation cross-entropy, as the CFF code does (the first such epoch on
+    ties; the last epoch when there is no validation split). ``info`` records both curves."""
     head = linear_head(train_f.shape[1], num_classes, seed).to(train_f.device)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    info = {"train_loss": [], "valid_accuracy": [], "best_epoch": 0}
-    best, best_acc = copy.deepcopy(head.state_dict()), -1.0
+    info = {"train_loss": [], "valid_accuracy": [], "valid_loss": [], "best_epoch": 0,
+            "selected_by": "validation cross-entropy" if valid_y.numel() else "last epoch (no validation split)"}
+    best, best_loss = copy.deepcopy(head.state_dict()), math.inf
     for epoch in range(epochs):
         head.train()
         total, n = torch.zeros((), device=train_f.device), 0
@@ -71,11 +74,15 @@ def train_linear_head(train_f: torch.Tensor, train_y: torch.Tensor, valid_f: tor
             total += loss.detach() * len(idx)
             n += len(idx)
         head.eval()
-        acc = accuracy(head(valid_f), valid_y) if valid_y.numel() else float("nan")
+        with torch.no_grad():
+            logits = head(valid_f) if valid_y.numel() else None
+            acc = accuracy(logits, valid_y) if logits is not None else float("nan")
+            valid_loss = float(F.cross_entropy(logits, valid_y).item()) if logits is not None else float("nan")
         info["train_loss"].append(float(total.item()) / n)
         info["valid_accuracy"].append(acc)
-        if not valid_y.numel() or acc >= best_acc:
-            best, best_acc, info["best_epoch"] = copy.deepcopy(head.state_dict()), acc, epoch
+        info["valid_loss"].append(valid_loss)
+        if not valid_y.numel() or valid_loss < best_loss:  # NaN never wins: an earlier finite epoch stays
+            best, best_loss, info["best_epoch"] = copy.deepcopy(head.state_dict()), valid_loss, epoch
     head.load_state_dict(best)
     head.eval()
     return head, info

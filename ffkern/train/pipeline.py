@@ -44,7 +44,7 @@ from .layerwise import run_layers
 from .methods import LayerBatch
 from .metrics import History
 from .trainer import (TrainConfig, _progress, apply_device_options, build_augment, build_local_layers, build_model,
-                      check_compatible, dataset_warnings, epoch_inputs, layer_margins, pick_device, predict, run_metrics,
+                      check_compatible, dataset_warnings, epoch_inputs, layer_margins, loss_postfix, pick_device, predict, run_metrics,
                       valid_batch_size, valid_inputs, warn_nonfinite)
 
 MAX_SENDS_IN_FLIGHT = 2  # messages a stage may have sent but not yet seen delivered
@@ -338,8 +338,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
             history.end_epoch()
             warn_nonfinite(history, msg.epoch, warned, lambda s: log(f"rank {rank}: {s}"), first_layer=mine[0])
             if hasattr(bar, "update"):
-                bar.set_postfix(loss=" ".join(f"{history.last(l, 'train_loss'):.3f}" for l in range(len(layers))),
-                                refresh=False)
+                bar.set_postfix_str(loss_postfix(history, first_layer=mine[0]), refresh=False)
                 bar.update(1)
     if outbox is not None:
         outbox.flush()
@@ -360,6 +359,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
         for l, rec in zip(rep["layers"], rep["records"]):
             full.layers[l] = rec
     result = predict(cfg, encoder, data, torch.bfloat16 if cfg.bf16 else None)
+    result.pop("_head", None)
     metrics = run_metrics(cfg, data, encoder, augment, full, result, backend_name, device, t0, log)
     metrics["warnings"] = notes
     metrics["pipeline"] = {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -13,10 +15,10 @@ import torch
 from .. import __version__
 from .._backend import resolve
 from .._checks import check_choice, check_number
-from . import rng
-from .bp import train_bp
+from . import checkpoint, rng
+from .bp import make_bp, train_bp
 from .data import Augment, Dataset, batches, check_data_config, dataset_for, input_abs_max, load_dataset  # noqa: F401
-from .heads import accuracy, goodness_logits, layer_features, train_linear_head
+from .heads import accuracy, class_goodness_logits, goodness_logits, layer_features, linear_head, train_linear_head
 from .conv_models import CONV_MODELS, NORMS, block_channels, check_depth, default_depth
 from .layerwise import LocalLayer, make_local_layers, olu_train_step, run_layers
 from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective
@@ -44,6 +46,12 @@ CONV_DEFAULTS = {"cnn": dict(epochs=20, lr=1e-3, width=0.25), "resnet18": dict(e
 for _model, _d in CONV_DEFAULTS.items():
     for _method in METHODS:
         DEFAULTS[(_method, _model)] = dict(_d, depth=default_depth(_model))
+
+
+SELECT_ENCODER = ("best-valid", "last")
+# Options a resumed run may change (checkpoint): the length of the run, and where the data's files
+# are now; every other option must be the saved run's, or the continuation would be another run.
+RESUME_MAY_CHANGE = ("epochs", "threads", "data_dir")
 
 
 @dataclass
@@ -90,6 +98,7 @@ class TrainConfig:
     norm: str = "batch"  # the cnn's block norm: "batch" (BatchNorm2d, the Trifecta's) or "layer" (LayerNorm([C,H,W]))
     class_scale: float = 1.0  # sff: initial value of each block's learned scale of the class goodness
     channels_last: bool = False  # conv models: weights and maps stored channels-last (NHWC)
+    select_encoder: str = "best-valid"  # "best-valid": the epoch of the lowest last-layer valid loss (CFF); "last"
 
     def resolved(self) -> "TrainConfig":
         """Checks every option (ValueError/TypeError naming it) and fills the defaults."""
@@ -99,6 +108,7 @@ class TrainConfig:
         check_choice("ff_predict", self.ff_predict, ("goodness", "head"))
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_choice("norm", self.norm, NORMS)
+        check_choice("select_encoder", self.select_encoder, SELECT_ENCODER)
         if self.method == "sff" and self.model not in CONV_MODELS:
             raise ValueError(f"method 'sff' (the per-class conv loss) needs a conv model: --model {', '.join(CONV_MODELS)};"
                              f" got {self.model!r}")
@@ -220,12 +230,13 @@ def dataset_warnings(data: Dataset) -> List[str]:
     return notes
 
 
-def _progress(epochs: int, desc: str, enabled: bool):
+def _progress(epochs: int, desc: str, enabled: bool, start: int = 0):
+    """The epochs ``start`` .. ``epochs``-1, as a tqdm bar that counts from ``start`` (a resumed run)."""
     if not enabled:
-        return range(epochs)
+        return range(start, epochs)
     from tqdm.auto import tqdm
 
-    return tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True)
+    return tqdm(range(start, epochs), desc=desc, unit="epoch", dynamic_ncols=True, initial=start, total=epochs)
 
 
 def default_patch(sample_shape) -> int:
@@ -304,8 +315,12 @@ def valid_inputs(cfg: TrainConfig, encoder: Encoder, data: Dataset, augment: Aug
 
 
 def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Callable[[str], None] = print,
-          data: Optional[Dataset] = None) -> Dict:
-    """Runs one training and returns the metrics dict (see README: Training)."""
+          data: Optional[Dataset] = None, save: Optional[str] = None, resume: Optional[str] = None) -> Dict:
+    """Runs one training and returns the metrics dict (see README: Training).
+
+    ``save``: a folder that receives the checkpoint after every epoch and the finished run
+    (checkpoint.py); ``resume``: a saved run's folder to continue, exactly: ``config`` must be the
+    saved run's, except for RESUME_MAY_CHANGE (``epochs`` extends the run)."""
     cfg = config.resolved()
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
@@ -314,38 +329,189 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     backend_name = resolve(cfg.backend, device).name
     data = dataset_for(cfg, data).to(device)  # loaded unless given, with the protocol (label noise, fraction)
     check_compatible(cfg, data)
+    saved = None
+    if resume is not None:
+        saved = checkpoint.load(resume, map_location=device)
+        check_resume(cfg, saved["meta"], data, resume)
+    if save is not None:
+        check_save_folder(save, resume)
     log(f"ffkern train: {cfg.method} on {cfg.model} | {data.summary()} | device {device}, loss backend {backend_name}")
     notes = dataset_warnings(data)
     for note in notes:
         log(f"warning: {note}")
     encoder = build_model(cfg, data)
     augment = build_augment(cfg, data)
-    bar = _progress(cfg.epochs, f"{cfg.method}/{cfg.model}", progress)
+    run = Stage1(cfg, encoder, data)
+    start = 0
+    if saved is not None:
+        start = run.restore(saved)
+        log(f"resuming {resume}: {start} of {cfg.epochs} epochs done")
+    bar = _progress(cfg.epochs, f"{cfg.method}/{cfg.model}", progress, start)
 
-    result: Dict = {}
+    def end_of_epoch(epoch: int) -> None:
+        run.selector.update(epoch, run.history)
+        if save is not None:
+            checkpoint.save(save, run.meta(epoch + 1, finished=False), run.tensors())
+
     if cfg.method == "bp":
-        history = History(["end-to-end"])
-        head = train_bp(encoder, data, history, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                        weight_decay=cfg.weight_decay, augment=augment, seed=cfg.seed, epoch_bar=bar,
-                        autocast_dtype=autocast_dtype)
-        with torch.no_grad():
-            encoder.eval()
-            result["valid_accuracy"] = accuracy(head(encoder(data.x_valid)).float(), data.y_valid)
-            test_logits = head(encoder(data.x_test)).float()
-            result["test_accuracy"] = accuracy(test_logits, data.y_test)
-            result.update(topk_results(cfg, test_logits, data.y_test))
+        train_bp(encoder, run.bp_head, run.optimizers[0], data, run.history, epochs=bar, batch_size=cfg.batch_size,
+                 augment=augment, seed=cfg.seed, autocast_dtype=autocast_dtype, end_of_epoch=end_of_epoch)
     else:
-        layers = build_local_layers(cfg, encoder)
-        history = History([f"layer {l}" for l in range(cfg.depth)], layer_margins(cfg))
-        stage1(cfg, encoder, layers, data, augment, history, bar, log)
-        if cfg.method == "sff" and cfg.ff_predict == "goodness":
-            result.update(predict_sff(cfg, encoder, [layer.objective for layer in layers], data, autocast_dtype))
-        else:
-            result.update(predict(cfg, encoder, data, autocast_dtype))
+        stage1(cfg, encoder, run.layers, data, augment, run.history, bar, log, end_of_epoch=end_of_epoch)
+    last_state = run.tensors() if save is not None else None  # the last epoch's weights: what a resume continues
+    selection = run.selector.select()
+    result = predict_all(cfg, encoder, run, data, autocast_dtype)
+    head = result.pop("_head", None)
 
-    metrics = run_metrics(cfg, data, encoder, augment, history, result, backend_name, device, t0, log)
+    metrics = run_metrics(cfg, data, encoder, augment, run.history, result, backend_name, device, t0, log)
     metrics["warnings"] = notes
+    metrics["selection"] = {"encoder": selection, "head": head_selection(result.get("head"))}
+    if save is not None:
+        meta = run.meta(cfg.epochs, finished=True)
+        meta.update(metrics=metrics, head_dim=None if head is None else int(head[0].normalized_shape[0]))
+        checkpoint.save(save, meta, {**last_state, "head": None if head is None else head.state_dict()})
+        log(f"run saved to {save}")
     return metrics
+
+
+class Stage1:
+    """The state of stage 1 that a checkpoint holds: the encoder, the layers with their objectives
+    and optimizers (bp: the head and its optimizer), the history and the encoder selection."""
+
+    def __init__(self, cfg: TrainConfig, encoder: Encoder, data: Dataset):
+        self.cfg, self.encoder, self.data = cfg, encoder, data
+        self.modules: Dict[str, torch.nn.Module] = {"encoder": encoder}
+        if cfg.method == "bp":
+            self.layers = []
+            self.bp_head, opt = make_bp(encoder, data.num_classes, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
+            self.optimizers = [opt]
+            self.modules["bp_head"] = self.bp_head
+            self.history = History(["end-to-end"])
+        else:
+            self.layers = build_local_layers(cfg, encoder)
+            self.bp_head = None
+            self.optimizers = [layer.optimizer for layer in self.layers]
+            for l, layer in enumerate(self.layers):
+                if isinstance(layer.objective, torch.nn.Module):  # sff's per-class 1x1 conv
+                    self.modules[f"objective{l}"] = layer.objective
+            self.history = History([f"layer {l}" for l in range(cfg.depth)], layer_margins(cfg))
+        self.selector = EncoderSelector(cfg.select_encoder, self.modules)
+
+    def tensors(self) -> Dict:
+        return {"modules": {k: checkpoint.state_dict_copy(m) for k, m in self.modules.items()},
+                "optimizers": [opt.state_dict() for opt in self.optimizers], "best": self.selector.snapshot}
+
+    def meta(self, epochs_done: int, finished: bool) -> Dict:
+        return {"config": dataclasses.asdict(self.cfg), "epochs_done": epochs_done, "finished": finished,
+                "history": self.history.to_json(), "data": checkpoint.data_fingerprint(self.data),
+                "selection": self.selector.state(), "encoder_attrs": encoder_attrs(self.encoder),
+                "ffkern": __version__, "metrics": None}
+
+    def restore(self, saved: Dict) -> int:
+        """Loads a checkpoint's state; returns the number of epochs done."""
+        meta = saved["meta"]
+        for name, module in self.modules.items():
+            module.load_state_dict(saved["modules"][name])
+        for opt, state in zip(self.optimizers, saved["optimizers"]):
+            opt.load_state_dict(state)
+        self.history = History.from_json(meta["history"])
+        self.selector.restore(meta["selection"], saved.get("best"))
+        return int(meta["epochs_done"])
+
+
+def encoder_attrs(encoder: Encoder) -> Dict:
+    """What an encoder holds outside its state dict (the MLP's FF label brightness, from the data)."""
+    return {"label_scale": encoder.label_scale} if hasattr(encoder, "label_scale") else {}
+
+
+class EncoderSelector:
+    """Model selection as CFF does (``select_encoder="best-valid"``): after every epoch, if the last
+    layer's validation loss is the lowest so far (the first such epoch on ties), a copy of the
+    weights of ``modules`` (the encoder, sff's objectives, bp's head) is kept in memory, one per
+    improvement, never per step; ``select()`` loads it back for prediction. "last" keeps the last
+    epoch. Without a validation split (or a finite loss) it is the last epoch, and says so."""
+
+    def __init__(self, mode: str, modules: Dict[str, torch.nn.Module]):
+        self.mode, self.modules = mode, modules
+        self.best_epoch: Optional[int] = None
+        self.best_loss: Optional[float] = None
+        self.last_epoch: Optional[int] = None
+        self.snapshot: Optional[Dict] = None
+
+    def update(self, epoch: int, history: History) -> None:
+        self.last_epoch = epoch
+        if self.mode != "best-valid":
+            return
+        loss = history.last(len(history.names) - 1, "valid_loss")
+        if loss is not None and math.isfinite(loss) and (self.best_loss is None or loss < self.best_loss):
+            self.best_epoch, self.best_loss = epoch, loss
+            self.snapshot = {k: checkpoint.state_dict_copy(m) for k, m in self.modules.items()}
+
+    def state(self) -> Dict:
+        return {"mode": self.mode, "best_epoch": self.best_epoch, "best_valid_loss": self.best_loss,
+                "last_epoch": self.last_epoch}
+
+    def restore(self, state: Dict, snapshot: Optional[Dict]) -> None:
+        self.best_epoch, self.best_loss, self.last_epoch = state["best_epoch"], state["best_valid_loss"], state["last_epoch"]
+        self.snapshot = snapshot
+
+    def select(self) -> Dict:
+        """Loads the selected epoch's weights; returns what the metrics record of the choice
+        (epochs counted from 0, as the head's best_epoch)."""
+        out = {"mode": self.mode, "criterion": "validation loss of the last layer", "epoch": self.last_epoch,
+               "valid_loss": None}
+        if self.mode == "last":
+            out["criterion"] = "the last epoch (select_encoder='last')"
+        elif self.snapshot is None:
+            out["criterion"] = "the last epoch: no validation split (or no finite validation loss) to select by"
+        else:
+            for name, module in self.modules.items():
+                module.load_state_dict(self.snapshot[name])
+            out.update(epoch=self.best_epoch, valid_loss=self.best_loss)
+        return out
+
+
+def head_selection(head_info: Optional[Dict]) -> Optional[Dict]:
+    """The stage-2 head's selection, as recorded by train_linear_head (None: no trained head)."""
+    if not head_info or "best_epoch" not in head_info:
+        return None
+    return {"criterion": head_info.get("selected_by"), "epoch": head_info["best_epoch"]}
+
+
+def check_resume(cfg: TrainConfig, meta: Dict, data: Dataset, folder: str) -> None:
+    """A resumed run must continue the saved one: the same options (but RESUME_MAY_CHANGE), no
+    fewer epochs than done, and the same data (ValueError saying what differs)."""
+    saved, mine = meta["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diffs = [f"{config_flag(k)} {mine.get(k)!r} (saved: {saved.get(k)!r})" for k in sorted(set(saved) | set(mine))
+             if k not in RESUME_MAY_CHANGE and mine.get(k) != saved.get(k)]
+    if diffs:
+        raise ValueError(f"--resume {folder}: these options differ from the saved run's: {'; '.join(diffs)}. A resumed"
+                         f" run continues the saved one with its options: drop them (only --epochs, to extend the run,"
+                         f" --threads and --data-dir may change), or start a new run")
+    if cfg.epochs < meta["epochs_done"]:
+        raise ValueError(f"--resume {folder}: --epochs {cfg.epochs} is fewer than the {meta['epochs_done']} epochs the"
+                         f" saved run has done")
+    mine_data = checkpoint.data_fingerprint(data)
+    if mine_data != meta["data"]:
+        keys = [k for k in mine_data if mine_data[k] != meta["data"].get(k)]
+        raise ValueError(f"--resume {folder}: the dataset differs from the saved run's ({', '.join(keys)}: "
+                         + "; ".join(f"{mine_data[k]!r} here, {meta['data'].get(k)!r} saved" for k in keys) + ")")
+
+
+def check_save_folder(save: str, resume: Optional[str]) -> None:
+    """A new run must not overwrite another saved run (resuming writes on in its own folder)."""
+    same = resume is not None and os.path.abspath(save) == os.path.abspath(resume)
+    if checkpoint.holds_run(save) and not same:
+        raise ValueError(f"--save {save}: the folder already holds a saved run; continue it with --resume {save}, or"
+                         f" give another folder")
+    if os.path.exists(save) and not os.path.isdir(save):
+        raise ValueError(f"--save {save}: not a folder")
+
+
+def config_flag(field: str) -> str:
+    """The ``ffkern train`` option of a TrainConfig field."""
+    return {"depth": "--layers", "schedule": "--margin-schedule", "valid_fraction": "valid_fraction"}.get(
+        field, "--" + field.replace("_", "-"))
 
 
 def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
@@ -385,8 +551,10 @@ def run_metrics(cfg: TrainConfig, data: Dataset, encoder, augment: Augment, hist
 
 
 def stage1(cfg: TrainConfig, encoder, layers, data: Dataset, augment: Augment, history: History, bar,
-           log: Callable[[str], None] = print) -> None:
-    """Layer-local epochs: every batch goes through the layers in order, each layer updating at once."""
+           log: Callable[[str], None] = print, end_of_epoch: Optional[Callable[[int], None]] = None) -> None:
+    """Layer-local epochs: every batch goes through the layers in order, each layer updating at
+    once. ``bar`` gives the epochs to run (a resumed run starts after the saved ones);
+    ``end_of_epoch(epoch)`` runs after each (selection, checkpoint)."""
     warned = set()
     for epoch in bar:
         for step, batch in enumerate(epoch_inputs(cfg, encoder, data, augment, epoch)):
@@ -400,12 +568,22 @@ def stage1(cfg: TrainConfig, encoder, layers, data: Dataset, augment: Augment, h
                 history.add("valid", l, st)
         history.end_epoch()
         warn_nonfinite(history, epoch, warned, log)
+        if end_of_epoch is not None:
+            end_of_epoch(epoch)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=" ".join(_loss_text(history.last(l, "train_loss")) for l in range(len(layers))))
+            bar.set_postfix_str(loss_postfix(history))
 
 
-def _loss_text(value) -> str:
-    return "-" if value is None else f"{value:.3f}"  # None: a block OLU did not train in this epoch
+def loss_postfix(history: History, first_layer: int = 0) -> str:
+    """The progress bar's text: each layer's name and its latest training loss, ``L0 0.512 L1
+    0.498``; a block that OLU did not train in the last epoch shows the last loss it had, and one
+    never trained yet is left out (no placeholders)."""
+    parts = []
+    for l in range(len(history.names)):
+        value = next((v for v in reversed(history.layers[l]["train_loss"]) if v is not None), None)
+        if value is not None:
+            parts.append(f"L{first_layer + l} {value:.3f}")
+    return " ".join(parts)
 
 
 def warn_nonfinite(history: History, epoch: int, warned: set, log: Callable[[str], None], first_layer: int = 0) -> None:
@@ -419,44 +597,72 @@ def warn_nonfinite(history: History, epoch: int, warned: set, log: Callable[[str
                 " (at least one batch); its epoch mean is recorded as null")
 
 
+def predict_all(cfg: TrainConfig, encoder, run: "Stage1", data: Dataset, autocast_dtype) -> Dict:
+    """Stage 2 of any method on the (selected) trained encoder: accuracies, head info, and the
+    trained head module under "_head" (None without one) for the checkpoint."""
+    if cfg.method == "bp":
+        logits = lambda x: prediction_logits(cfg, encoder, x, head=run.bp_head)  # noqa: E731
+        return {**accuracies(cfg, logits, data), "_head": None}
+    if cfg.method == "sff" and cfg.ff_predict == "goodness":
+        return predict_sff(cfg, encoder, [layer.objective for layer in run.layers], data, autocast_dtype)
+    return predict(cfg, encoder, data, autocast_dtype)
+
+
+def head_features(cfg: TrainConfig, encoder, x: torch.Tensor, autocast_dtype=None) -> torch.Tensor:
+    """What the stage-2 linear head reads: the last layer's pooled output (cff, and sff with a
+    head: no label input), or for the FF family all layers but the first with the neutral label
+    (Hinton 2022)."""
+    per_layer = layer_features(encoder, x, autocast_dtype=autocast_dtype)
+    if cfg.method in ("cff", "sff"):
+        return per_layer[-1]
+    return torch.cat(per_layer[1:] if len(per_layer) > 1 else per_layer, 1)
+
+
+@torch.no_grad()
+def prediction_logits(cfg: TrainConfig, encoder, x: torch.Tensor, *, head=None, objectives=None,
+                      autocast_dtype=None) -> torch.Tensor:
+    """``[N, C]`` scores of a trained model, whose argmax is its prediction: bp's head on the
+    encoder, the FF family's goodness of every label, sff's class goodness, or the linear head."""
+    if cfg.method == "bp":
+        encoder.eval()
+        return head(encoder(x)).float()
+    if cfg.method == "sff" and cfg.ff_predict == "goodness":
+        return class_goodness_logits(encoder, objectives, x, autocast_dtype=autocast_dtype)
+    if cfg.method in FF_FAMILY and cfg.ff_predict == "goodness":
+        return goodness_logits(encoder, cfg.method, x, backend=cfg.backend, autocast_dtype=autocast_dtype)
+    return head(head_features(cfg, encoder, x, autocast_dtype)).float()
+
+
+def accuracies(cfg: TrainConfig, logits: Callable[[torch.Tensor], torch.Tensor], data: Dataset) -> Dict:
+    """Validation and test accuracy (and top-k) of a scoring function."""
+    test_logits = logits(data.x_test)
+    return {"valid_accuracy": accuracy(logits(data.x_valid), data.y_valid),
+            "test_accuracy": accuracy(test_logits, data.y_test), **topk_results(cfg, test_logits, data.y_test)}
+
+
 def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
     """Stage 2 (cff, or ff family with --ff-predict head): a linear head on the frozen encoder's
-    pooled features; otherwise FF's try-every-label rule. Returns accuracies and head info."""
+    pooled features; otherwise FF's try-every-label rule. Returns accuracies and head info (and
+    the head module under "_head")."""
     if cfg.method in FF_FAMILY and cfg.ff_predict == "goodness":
-        opts = dict(backend=cfg.backend, autocast_dtype=autocast_dtype)
-        test_logits = goodness_logits(encoder, cfg.method, data.x_test, **opts)
-        return {"valid_accuracy": accuracy(goodness_logits(encoder, cfg.method, data.x_valid, **opts), data.y_valid),
-                "test_accuracy": accuracy(test_logits, data.y_test), **topk_results(cfg, test_logits, data.y_test),
-                "head": {"kind": "goodness of every label, summed over layers"}}
-
-    def feats(x):
-        per_layer = layer_features(encoder, x, autocast_dtype=autocast_dtype)
-        if cfg.method in ("cff", "sff"):  # sff with --ff-predict head: no label input, as cff
-            return per_layer[-1]
-        # FF family with a head (Hinton 2022): all layers but the first, neutral label.
-        return torch.cat(per_layer[1:] if len(per_layer) > 1 else per_layer, 1)
-
-    ftr, fva, fte = feats(data.x_train), feats(data.x_valid), feats(data.x_test)
+        logits = lambda x: prediction_logits(cfg, encoder, x, autocast_dtype=autocast_dtype)  # noqa: E731
+        return {**accuracies(cfg, logits, data), "head": {"kind": "goodness of every label, summed over layers"},
+                "_head": None}
+    ftr, fva, fte = (head_features(cfg, encoder, x, autocast_dtype) for x in (data.x_train, data.x_valid, data.x_test))
     head, info = train_linear_head(ftr, data.y_train, fva, data.y_valid, data.num_classes, epochs=cfg.head_epochs,
                                    lr=cfg.head_lr, batch_size=cfg.batch_size, seed=cfg.seed)
     with torch.no_grad():
         test_logits = head(fte)
         return {"valid_accuracy": accuracy(head(fva), data.y_valid), "test_accuracy": accuracy(test_logits, data.y_test),
                 **topk_results(cfg, test_logits, data.y_test),
-                "head": {"kind": "linear (LayerNorm + Linear) on frozen features", **info}}
+                "head": {"kind": "linear (LayerNorm + Linear) on frozen features", **info}, "_head": head}
 
 
 def predict_sff(cfg: TrainConfig, encoder, objectives, data: Dataset, autocast_dtype) -> Dict:
     """Scalable FF's prediction: the argmax of the blocks' scaled class goodness, averaged over
     all blocks (one forward pass, no label in the input)."""
-    from .heads import class_goodness_logits
-
-    def logits(x):
-        return class_goodness_logits(encoder, objectives, x, autocast_dtype=autocast_dtype)
-
-    test_logits = logits(data.x_test)
-    return {"valid_accuracy": accuracy(logits(data.x_valid), data.y_valid),
-            "test_accuracy": accuracy(test_logits, data.y_test), **topk_results(cfg, test_logits, data.y_test),
+    logits = lambda x: prediction_logits(cfg, encoder, x, objectives=objectives, autocast_dtype=autocast_dtype)  # noqa: E731
+    return {**accuracies(cfg, logits, data), "_head": None,
             "head": {"kind": "per-class goodness (scaled), averaged over all blocks",
                      "loss_backend": "reference"}}  # no other backend has the per-class kernel yet
 
