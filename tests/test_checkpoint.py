@@ -194,3 +194,68 @@ def test_resume_refuses_other_data(tmp_path, capsys):
              y_test=np.arange(9) % 3)
     line = _error(["train", "--resume", str(run), "--epochs", "2", "--no-progress"], capsys)
     assert "the dataset differs" in line and "train_labels_crc32" in line
+
+
+# ---- model selection as CFF does (issue 13) --------------------------------------------------------------
+
+
+def test_encoder_selector_keeps_the_best_validation_epoch():
+    from ffkern.train.metrics import History
+    from ffkern.train.trainer import EncoderSelector
+
+    layer = torch.nn.Linear(2, 2)
+    history = History(["layer 0", "layer 1"])
+    sel = EncoderSelector("best-valid", {"encoder": layer})
+    kept = None
+    for epoch, (first, last) in enumerate([(0.1, 3.0), (5.0, 1.0), (0.0, 1.0), (0.0, 2.0)]):  # ties keep the first
+        with torch.no_grad():
+            layer.weight.fill_(epoch)
+        history.layers[0]["valid_loss"].append(first)  # only the last layer's loss decides
+        history.layers[1]["valid_loss"].append(last)
+        sel.update(epoch, history)
+        kept = layer.weight.clone() if epoch == 1 else kept
+    info = sel.select()
+    assert info["epoch"] == 1 and info["valid_loss"] == 1.0 and torch.equal(layer.weight, kept)
+    last = EncoderSelector("last", {"encoder": layer})
+    last.update(0, history)
+    assert last.select()["epoch"] == 0 and last.snapshot is None  # no copy kept at all
+
+
+def test_selected_encoder_is_the_best_epochs_weights(tmp_path, capsys):
+    import numpy as np
+
+    g = np.random.default_rng(0)  # random labels: the validation loss stops falling early (overfitting)
+    path = tmp_path / "noise.npz"
+    np.savez(path, x_train=g.random((90, 16)), y_train=np.arange(90) % 3, x_test=g.random((9, 16)), y_test=np.arange(9) % 3)
+    opts = ["--dataset", str(path), "--width", "64", "--layers", "2", "--lr", "0.03", "--batch-size", "16"]
+    run = tmp_path / "run"
+    _train([*opts, "--epochs", "6", "--save", str(run)], capsys)
+    saved = _saved(run)
+    metrics = json.loads((run / "metrics.json").read_text())
+    losses = saved["meta"]["history"][-1]["valid_loss"]
+    best = min(range(len(losses)), key=lambda e: (losses[e], e))
+    assert best < len(losses) - 1  # the case that matters: not the last epoch
+    assert metrics["selection"]["encoder"]["epoch"] == best and metrics["selection"]["encoder"]["mode"] == "best-valid"
+    short = tmp_path / "short"  # the same training stopped at the best epoch: its last weights are the ones kept
+    _train([*opts, "--epochs", str(best + 1), "--select-encoder", "last", "--save", str(short)], capsys)
+    for key, t in _saved(short)["modules"]["encoder"].items():
+        assert torch.equal(t, saved["best"]["encoder"][key]), key
+    head = metrics["head"]
+    assert metrics["selection"]["head"]["epoch"] == head["best_epoch"]
+    assert head["best_epoch"] == min(range(len(head["valid_loss"])), key=lambda e: (head["valid_loss"][e], e))
+    assert head["selected_by"] == "validation cross-entropy" and "valid_accuracy" in head  # the old key stays
+
+
+def test_without_a_validation_split_the_last_epoch_is_used_and_said():
+    import dataclasses
+
+    from ffkern.train.data import load_digits
+    from ffkern.train.trainer import TrainConfig, train
+
+    data = load_digits()
+    data = dataclasses.replace(data, x_valid=data.x_valid[:0], y_valid=data.y_valid[:0])
+    m = train(TrainConfig(epochs=2, width=16, depth=1, head_epochs=2, backend="reference", threads=1), progress=False,
+              log=lambda s: None, data=data)
+    enc = m["selection"]["encoder"]
+    assert enc["epoch"] == 1 and enc["valid_loss"] is None and "no validation split" in enc["criterion"]
+    assert m["head"]["best_epoch"] == 1 and m["head"]["selected_by"].startswith("last epoch")

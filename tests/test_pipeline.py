@@ -34,6 +34,10 @@ RUNS = {
     2: {
         "cff-mlp": dict(method="cff", model="mlp", width=24, depth=3, lr=3e-3),
         "symba-mlp-head": dict(method="symba", model="mlp", width=24, depth=3, lr=3e-3, ff_predict="head"),
+        # the last layer's validation loss is lowest at epoch 2 of 4: every rank's layers must go back to
+        # then, else the head (trained on all layers but the first) learns other numbers
+        "symba-selects-early": dict(method="symba", model="mlp", width=24, depth=3, lr=0.1, epochs=4, batch_size=8,
+                                    ff_predict="head"),
     },
     3: {
         "cff-vit-oneview": dict(method="cff", model="vit", width=16, depth=3, heads=2, views=1, lr=3e-3),
@@ -132,6 +136,7 @@ def assert_same_run(pipe: dict, seq: dict) -> None:
     assert pipe["head"] == seq["head"]
     assert pipe["test_accuracy"] == seq["test_accuracy"] and pipe["valid_accuracy"] == seq["valid_accuracy"]
     assert pipe["config"] == seq["config"]
+    assert pipe["selection"] == seq["selection"]
 
 
 # ---------------------------------------------------------------- tests
@@ -157,6 +162,8 @@ def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
         assert len(rec["train_loss"]) == cfg.epochs and len(rec["valid_loss"]) == cfg.epochs
         assert all(v is not None for v in rec["train_loss"] + rec["valid_loss"])
         assert rec["train_loss"][0] != rec["train_loss"][1]
+    if name == "symba-selects-early":  # the selection had to go back: a comparison that can fail
+        assert seq["selection"]["encoder"]["epoch"] == 2 < cfg.epochs - 1
         if cfg.method == "cff":
             assert all(v is not None for v in rec["train_clipped_fraction"] + rec["valid_clipped_fraction"])
     assert seq["test_accuracy"] > 0.4  # 4 classes: chance is 0.25

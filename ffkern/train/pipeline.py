@@ -43,9 +43,9 @@ from .data import Dataset, batches, dataset_for
 from .layerwise import run_layers
 from .methods import LayerBatch
 from .metrics import History
-from .trainer import (TrainConfig, _progress, apply_device_options, build_augment, build_local_layers, build_model,
-                      check_compatible, dataset_warnings, epoch_inputs, layer_margins, loss_postfix, pick_device, predict, run_metrics,
-                      valid_batch_size, valid_inputs, warn_nonfinite)
+from .trainer import (EncoderSelector, TrainConfig, _progress, apply_device_options, build_augment, build_local_layers,
+                      build_model, check_compatible, dataset_warnings, epoch_inputs, head_selection, layer_margins,
+                      loss_postfix, pick_device, predict, run_metrics, valid_batch_size, valid_inputs, warn_nonfinite)
 
 MAX_SENDS_IN_FLIGHT = 2  # messages a stage may have sent but not yet seen delivered
 _MAGIC = 0x46464B50  # "FFKP": a header from this protocol, not stray bytes
@@ -315,6 +315,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     last = rank == world - 1
     bar = _progress(cfg.epochs, f"pipeline {cfg.method}/{cfg.model}", progress and last)  # the last stage ends last
     warned: set = set()
+    selection = _Selection(cfg, layers, rank, world, pg, device)
     dist.barrier(group=pg)  # start the clock together: stage1_s then measures the pipeline, not process starts
     t_stage = time.perf_counter()
     if rank > 0:
@@ -337,11 +338,13 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
         if msg.last_of_epoch:
             history.end_epoch()
             warn_nonfinite(history, msg.epoch, warned, lambda s: log(f"rank {rank}: {s}"), first_layer=mine[0])
+            selection.end_epoch(msg.epoch, history)
             if hasattr(bar, "update"):
                 bar.set_postfix_str(loss_postfix(history, first_layer=mine[0]), refresh=False)
                 bar.update(1)
     if outbox is not None:
         outbox.flush()
+    selection.finish()  # every rank's layers now hold the selected epoch's weights
     stage1_s = time.perf_counter() - t_stage
     if hasattr(bar, "close"):
         bar.close()
@@ -358,10 +361,14 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     for rep in reports:
         for l, rec in zip(rep["layers"], rep["records"]):
             full.layers[l] = rec
+    chosen = EncoderSelector(cfg.select_encoder, {})  # the same rule on the gathered history: the same epoch
+    for epoch in range(cfg.epochs):
+        chosen.update(epoch, _HistoryAt(full, epoch))
     result = predict(cfg, encoder, data, torch.bfloat16 if cfg.bf16 else None)
     result.pop("_head", None)
     metrics = run_metrics(cfg, data, encoder, augment, full, result, backend_name, device, t0, log)
     metrics["warnings"] = notes
+    metrics["selection"] = {"encoder": chosen.select(), "head": head_selection(result.get("head"))}
     metrics["pipeline"] = {
         "world_size": world, "layers_per_rank": owners, "process_group_backend": dist.get_backend(pg),
         "train_steps": sum(m.split == "train" for m in plan), "valid_steps": sum(m.split == "valid" for m in plan),
@@ -369,6 +376,79 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
         "ranks": [{k: rep[k] for k in ("rank", "layers", "stage1_s", "wait_recv_s", "wait_send_s")} for rep in reports],
     }
     return metrics
+
+
+class _HistoryAt:
+    """The view of a history that EncoderSelector reads (the last layer's validation loss) at ``epoch``."""
+
+    def __init__(self, history: History, epoch: int):
+        self.names, self._history, self._epoch = history.names, history, epoch
+
+    def last(self, layer: int, key: str):
+        return self._history.layers[layer][key][self._epoch]
+
+
+class _Selection:
+    """The sequential run's encoder selection (trainer.EncoderSelector) across the ranks: only the
+    last rank knows after each epoch whether the last layer's validation loss is the best so far;
+    it sends that decision to every other rank without waiting. A rank keeps a copy of its layers'
+    weights for each epoch whose decision has not arrived yet (the ranks ahead of it are at most a
+    few messages ahead, so few copies), keeps the copy of the latest best epoch, and loads it at
+    the end. ``select_encoder="last"`` sends and keeps nothing."""
+
+    def __init__(self, cfg: TrainConfig, layers, rank: int, world: int, group, device):
+        self.active = cfg.select_encoder == "best-valid"
+        self.layers, self.rank, self.world, self.group = layers, rank, world, group
+        self.last = rank == world - 1
+        self.pending: Dict[int, List] = {}
+        self.best = None
+        self.sends: List = []
+        self.local = EncoderSelector(cfg.select_encoder, {}) if self.last else None
+        self.decisions = []
+        if self.active and not self.last:  # one tiny receive per epoch, posted up front
+            src = dist.get_global_rank(group, world - 1)
+            for _ in range(cfg.epochs):
+                t = torch.zeros(2, dtype=torch.int64, device=device)
+                self.decisions.append((dist.irecv(t, src, group=group), t))
+        self._device = device
+
+    def _copy(self):
+        return [{k: v.detach().clone() for k, v in layer.module.state_dict().items()} for layer in self.layers]
+
+    def end_epoch(self, epoch: int, history: History) -> None:
+        if not self.active:
+            return
+        if self.last:
+            before = self.local.best_epoch
+            self.local.update(epoch, history)
+            better = self.local.best_epoch != before
+            if better:
+                self.best = self._copy()
+            msg = torch.tensor([epoch, int(better)], dtype=torch.int64, device=self._device)
+            for r in range(self.world - 1):
+                self.sends.append((dist.isend(msg, dist.get_global_rank(self.group, r), group=self.group), msg))
+            return
+        self.pending[epoch] = self._copy()
+        self._apply(wait=False)
+
+    def _apply(self, wait: bool) -> None:
+        while self.decisions and (wait or self.decisions[0][0].is_completed()):
+            work, t = self.decisions.pop(0)
+            work.wait()
+            epoch, better = (int(v) for v in t.tolist())
+            snapshot = self.pending.pop(epoch)
+            if better:
+                self.best = snapshot
+
+    def finish(self) -> None:
+        if not self.active:
+            return
+        self._apply(wait=True)
+        for work, _ in self.sends:
+            work.wait()
+        if self.best is not None:
+            for layer, state in zip(self.layers, self.best):
+                layer.module.load_state_dict(state)
 
 
 def _first_stage_inputs(cfg: TrainConfig, encoder, data: Dataset, augment) -> Iterator[LayerBatch]:

@@ -611,7 +611,9 @@ def predict_all(cfg: TrainConfig, encoder, run: "Stage1", data: Dataset, autocas
 def head_features(cfg: TrainConfig, encoder, x: torch.Tensor, autocast_dtype=None) -> torch.Tensor:
     """What the stage-2 linear head reads: the last layer's pooled output (cff, and sff with a
     head: no label input), or for the FF family all layers but the first with the neutral label
-    (Hinton 2022)."""
+    (Hinton 2022). An empty ``x`` (no validation split) gives [0, D]."""
+    if not len(x):
+        return head_features(cfg, encoder, torch.zeros((1, *x.shape[1:]), device=x.device), autocast_dtype)[:0]
     per_layer = layer_features(encoder, x, autocast_dtype=autocast_dtype)
     if cfg.method in ("cff", "sff"):
         return per_layer[-1]
@@ -623,6 +625,8 @@ def prediction_logits(cfg: TrainConfig, encoder, x: torch.Tensor, *, head=None, 
                       autocast_dtype=None) -> torch.Tensor:
     """``[N, C]`` scores of a trained model, whose argmax is its prediction: bp's head on the
     encoder, the FF family's goodness of every label, sff's class goodness, or the linear head."""
+    if not len(x):  # no validation split: no scores
+        return torch.zeros((0, encoder.num_classes), device=x.device)
     if cfg.method == "bp":
         encoder.eval()
         return head(encoder(x)).float()
