@@ -146,3 +146,50 @@ def output_dir(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+# ---------------------------------------------------------------- layer slices
+def layer_indices(spec: str, depth: int) -> list:
+    """The layers (0 .. depth-1) that ``spec`` names: ``all``, ``last``, ``first``, an index
+    (``-1``), a Python slice (``1:``, ``:-1``, ``::2``) or a comma list of indices (``0,2,-1``);
+    negative indices count from the end. Sorted, without repeats; ValueError if none or out of range."""
+    text = str(spec).strip().replace(" ", "")
+    named = {"all": "0:", "last": "-1", "first": "0"}
+    text = named.get(text.lower(), text)
+    if ":" in text:
+        parts = text.split(":")
+        if len(parts) > 3:
+            raise ValueError(f"{spec!r} is not a slice start:stop[:step]")
+        try:
+            bounds = [int(p) if p else None for p in parts]
+        except ValueError:
+            raise ValueError(f"{spec!r}: a slice's bounds must be integers, e.g. 1: or :-1 or ::2") from None
+        if len(bounds) == 3 and bounds[2] is not None and bounds[2] == 0:
+            raise ValueError(f"{spec!r}: a slice step must not be 0")
+        chosen = list(range(depth))[slice(*bounds)]
+    else:
+        try:
+            wanted = [int(p) for p in text.split(",")]
+        except ValueError:
+            raise ValueError(f"{spec!r} is not all, last, first, an index, a slice such as 1: or a list such as 0,2") from None
+        bad = [i for i in wanted if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"{spec!r}: layer {bad[0]} is not among the {depth} layers (0 .. {depth - 1}, or -1 .. -{depth})")
+        chosen = [i % depth for i in wanted]
+    chosen = sorted(set(chosen))
+    if not chosen:
+        raise ValueError(f"{spec!r} selects none of the {depth} layers")
+    return chosen
+
+
+def layer_spec(text: str) -> str:
+    """argparse type of a layer selection (``layer_indices``): its form is checked while parsing,
+    its range once the number of layers is known."""
+    try:
+        layer_indices(text, 1_000_000)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+layer_spec.__name__ = "layers"

@@ -49,6 +49,8 @@ def test_recipe_starts(name, tmp_path, capsys):
     assert m["config"]["batch_size"] == int(opts["--batch-size"]) and m["config"]["epochs"] == 1  # overridden
     if "--topk" in opts:
         assert f"test_top{opts['--topk']}_accuracy" in m
+    if name.startswith("trifecta"):  # the Trifecta's code predicts with the last block's goodness
+        assert opts["--ff-predict-layers"] == "last" and m["head"]["layers"] == [len(m["layers"]) - 1]
 
 
 def test_options_after_the_recipe_override_it():

@@ -299,3 +299,65 @@ def test_test_classes_unseen_in_training_are_warned_about(tmp_path, capsys):
     assert "warning: 2 of 6 test samples have classes (2; " in out and "the training set never shows" in out
     assert "3 classes" in out
     assert json.loads(metrics.read_text())["warnings"][0].startswith("2 of 6 test samples")
+
+
+# ---- --ff-predict-layers (issue 12) --------------------------------------------------------------------
+
+
+def test_layer_indices_forms():
+    from ffkern._cliargs import layer_indices
+
+    assert layer_indices("all", 3) == [0, 1, 2] and layer_indices("last", 3) == [2] and layer_indices("first", 3) == [0]
+    assert layer_indices("-1", 4) == [3] and layer_indices("1:", 4) == [1, 2, 3] and layer_indices(":-1", 4) == [0, 1, 2]
+    assert layer_indices("::2", 5) == [0, 2, 4] and layer_indices("2,0,-1,0", 4) == [0, 2, 3]
+    for bad, says in [("3", "not among the 3 layers"), ("5:", "selects none"), ("x", "is not all, last"),
+                      ("1:2:3:4", "not a slice"), ("::0", "step must not be 0"), ("a:", "integers")]:
+        with pytest.raises(ValueError, match=says):
+            layer_indices(bad, 3)
+
+
+def test_goodness_prediction_sums_the_chosen_layers():
+    import torch
+
+    from ffkern.train.heads import goodness_logits
+    from ffkern.train.methods import layer_score
+    from ffkern.train.models import build_encoder
+
+    enc = build_encoder("mlp", (1, 4, 4), 3, width=8, depth=3, label_input=True, seed=1)
+    x = torch.randn(5, 1, 4, 4)
+    per_layer = []
+    for c in range(3):
+        h = enc.embed_labels(enc.prepare(x), torch.full((5,), c))
+        scores = []
+        for layer in enc.layers:
+            h = layer(h)
+            scores.append(layer_score("symba", h, 0, "reference"))
+        per_layer.append(torch.stack(scores, 1))
+    per_layer = torch.stack(per_layer, 1).detach()  # [N, C, L]
+    opts = dict(backend="reference")
+    assert torch.allclose(goodness_logits(enc, "symba", x, **opts), per_layer.sum(2))
+    assert torch.allclose(goodness_logits(enc, "symba", x, layers=[2], **opts), per_layer[:, :, 2])
+    assert torch.allclose(goodness_logits(enc, "symba", x, layers=[0, 1], **opts), per_layer[:, :, :2].sum(2))
+
+
+def test_ff_predict_layers_reaches_the_metrics(tmp_path):
+    metrics = tmp_path / "m.json"
+    assert main(["train", "--method", "symba", *TINY, "--ff-predict-layers", "last", "--metrics-out", str(metrics)]) == 0
+    head = json.loads(metrics.read_text())["head"]
+    assert head["layers"] == [1] and "layers [1] (--ff-predict-layers last)" in head["kind"]
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--ff-predict-layers", "last"], "method 'cff'"),  # cff predicts with its head
+    (["--method", "ff", "--ff-predict", "head", "--ff-predict-layers", "0"], "ff_predict 'head'"),
+    (["--method", "ff", "--ff-predict-layers", "2"], "not among the 2 layers"),
+])
+def test_ff_predict_layers_refusals(argv, says, capsys, no_training):
+    line = _refused(argv, capsys)
+    assert "--ff-predict-layers" in line and says in line, line
+
+
+def test_ff_predict_layers_form_is_checked_while_parsing(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--ff-predict-layers", "1:2:3:4"])
+    assert "argument --ff-predict-layers" in capsys.readouterr().err

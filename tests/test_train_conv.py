@@ -228,8 +228,6 @@ def test_block_channels_match_the_models_and_sffa_needs_even_ones():
         assert block_channels(kind, 0.3, depth) == enc.block_channels
     with pytest.raises(ValueError, match="odd number of channels"):
         check_compatible(TrainConfig(method="sffa", model="cnn", width=0.3).resolved(), tiny_images())
-    with pytest.raises(ValueError, match="no 'cpp' kernel yet"):  # before any build or step
-        check_compatible(TrainConfig(method="sff", model="cnn", backend="cpp").resolved(), tiny_images())
     with pytest.raises(ValueError, match="image inputs"):
         vectors = Dataset("vec", torch.randn(8, 5), torch.arange(8) % 2, torch.randn(4, 5), torch.arange(4) % 2,
                           torch.randn(4, 5), torch.arange(4) % 2, 2)
@@ -258,3 +256,28 @@ def test_cli_float_width_and_olu(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--dataset", str(path), "--model", "mlp", "--width", "0.5", "--no-progress"]) == 2
     assert "width must be an int >= 1, got 0.5" in capsys.readouterr().err
+
+
+def test_sff_prediction_averages_the_chosen_blocks_and_names_its_backend(monkeypatch):
+    from ffkern.train import trainer
+    from ffkern.train.heads import class_goodness_logits
+    from ffkern.train.methods import make_objective
+
+    enc = build_conv_encoder("cnn", (1, 8, 8), 4, width=0.0625, depth=6)
+    objectives = [make_objective("sff", enc, None, layer=l, backend="reference") for l in range(6)]
+    x = torch.randn(3, 1, 8, 8)
+    per_block, h = [], enc.prepare(x)
+    with torch.no_grad():
+        for layer, obj in zip(enc.layers, objectives):
+            h = layer.eval()(h)
+            per_block.append(obj.logits(h))
+    per_block = torch.stack(per_block)
+    assert torch.allclose(class_goodness_logits(enc, objectives, x), per_block.mean(0), atol=1e-6)
+    assert torch.allclose(class_goodness_logits(enc, objectives, x, layers=[5]), per_block[5], atol=1e-6)
+    assert torch.allclose(class_goodness_logits(enc, objectives, x, layers=[1, 3]), per_block[[1, 3]].mean(0), atol=1e-6)
+
+    class Fused:
+        name = "cpp"
+
+    monkeypatch.setattr("ffkern.per_class._impl", lambda backend, device: Fused())  # what per_class would run
+    assert trainer.per_class_backend("auto", "cpu") == "cpp"  # reported, not assumed

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import os
 
-from .._cliargs import UsageError, as_usage_error, int_at_least, output_dir, output_file, real
+from .._cliargs import UsageError, as_usage_error, int_at_least, layer_spec, output_dir, output_file, real
 
 # Only argparse here: torch and the trainer load when the command runs (ffkern/cli.py's rule).
 _METHODS = ("cff", "ff", "symba", "sffa", "sff", "bp")
@@ -133,6 +133,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--ff-predict", choices=("goodness", "head"), default="goodness",
                    help="FF family: try every label (goodness, default) or a linear head on the neutral-label features;"
                         " sff: the class goodness averaged over blocks (goodness) or a linear head on the last block")
+    g.add_argument("--ff-predict-layers", type=layer_spec, default="all", metavar="LAYERS",
+                   help="--ff-predict goodness: the layers whose goodness is summed (sff: whose class goodness is"
+                        " averaged): all (default), last (the Trifecta's and the CFF code's), first, an index (-1), a"
+                        " slice (1:, :-1) or a list (0,2)")
     g.add_argument("--backend", default="auto", help="ffkern loss backend: auto (default), reference, triton or cpp")
     g = p.add_argument_group("speed")
     g.add_argument("--pipeline", action="store_true",
@@ -257,6 +261,10 @@ def prepare(args: argparse.Namespace):
     # that is refused anyway.
     with as_usage_error(ValueError, BackendUnavailable, prefix=f"--backend {cfg.backend}: "):
         resolve(cfg.backend, device)
+        if cfg.method == "sff":  # the per-class loss needs its own kernel (or the reference)
+            from .trainer import per_class_backend
+
+            per_class_backend(cfg.backend, device)
     return config, data
 
 

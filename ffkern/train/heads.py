@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +90,17 @@ def train_linear_head(train_f: torch.Tensor, train_y: torch.Tensor, valid_f: tor
 
 @torch.no_grad()
 def goodness_logits(encoder: Encoder, method: str, x: torch.Tensor, *, batch_size: int = 512,
-                    skip_first: bool = False, backend: str = "auto", autocast_dtype=None) -> torch.Tensor:
-    """FF prediction by trying every label: ``[N, C]``, entry (n, c) = the sum over layers of the
-    layer's score (goodness, or SFFA's log-odds) with label c embedded. C forward passes.
+                    skip_first: bool = False, backend: str = "auto", autocast_dtype=None,
+                    layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """FF prediction by trying every label: ``[N, C]``, entry (n, c) = the sum over the chosen
+    layers (``layers``, indices; default all) of the layer's score (goodness, or SFFA's log-odds)
+    with label c embedded. C forward passes, each only as deep as the deepest chosen layer.
     ``skip_first`` leaves out the first layer's score, as Hinton's FF evaluation does."""
     encoder.eval()
+    chosen = set(range(len(encoder.layers)) if layers is None else layers)
+    if skip_first and len(encoder.layers) > 1:
+        chosen.discard(0)
+    depth = max(chosen) + 1
     out = torch.zeros(x.shape[0], encoder.num_classes, device=x.device)
     for start in range(0, x.shape[0], batch_size):
         inp = encoder.prepare(x[start:start + batch_size])
@@ -102,25 +108,28 @@ def goodness_logits(encoder: Encoder, method: str, x: torch.Tensor, *, batch_siz
         for c in range(encoder.num_classes):
             h = encoder.embed_labels(inp, torch.full((b,), c, dtype=torch.long, device=x.device))
             with _autocast(x.device, autocast_dtype):
-                for l, layer in enumerate(encoder.layers):
+                for l, layer in enumerate(encoder.layers[:depth]):
                     h = layer(h)
-                    if not (skip_first and l == 0 and len(encoder.layers) > 1):
+                    if l in chosen:
                         out[start:start + b, c] += layer_score(method, h, encoder.skip_tokens, backend).float()
     return out
 
 
 @torch.no_grad()
 def class_goodness_logits(encoder: Encoder, objectives, x: torch.Tensor, *, batch_size: int = 512,
-                          autocast_dtype=None) -> torch.Tensor:
-    """Scalable-FF prediction (method sff): ``[N, K]``, the mean over blocks of each block's
-    scaled class goodness (``objectives[l].logits``, the per-class 1x1 conv of block l). One
-    forward pass per sample, no label in the input."""
+                          autocast_dtype=None, layers: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Scalable-FF prediction (method sff): ``[N, K]``, the mean over the chosen blocks (``layers``,
+    default all) of each block's scaled class goodness (``objectives[l].logits``, the per-class 1x1
+    conv of block l). One forward pass per sample, no label in the input."""
     encoder.eval()
+    chosen = set(range(len(encoder.layers)) if layers is None else layers)
+    depth = max(chosen) + 1
     out = torch.zeros(x.shape[0], encoder.num_classes, device=x.device)
     for start in range(0, x.shape[0], batch_size):
         h = encoder.prepare(x[start:start + batch_size])
         with _autocast(x.device, autocast_dtype):
-            for layer, objective in zip(encoder.layers, objectives):
+            for l, (layer, objective) in enumerate(zip(encoder.layers[:depth], objectives)):
                 h = layer(h)
-                out[start:start + h.shape[0]] += objective.logits(h).float()
-    return out / len(encoder.layers)
+                if l in chosen:
+                    out[start:start + h.shape[0]] += objective.logits(h).float()
+    return out / len(chosen)

@@ -62,13 +62,12 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in [
            ("--method", "symba", "--alpha", "4", "--batch-size", "512") + _CIFAR100_VIT, _CFF_UNSTATED),
     # The Trifecta (SPEC 4): SymBa alpha 4, BN + conv blocks ("small"), OLU, Adam lr 1e-3 (AdamW
     # without weight decay is Adam), batch 512, 100 epochs, crop (pad 4) + rotation 15, prediction
-    # from the last layer's goodness.
+    # from the last layer's goodness (--ff-predict-layers last).
     Recipe("trifecta-cifar10-cnn", "The Trifecta (Dooms et al. 2023): small CNN, SymBa + BN + OLU",
            "~84% (CIFAR-10, top-1; 83.51 +- 0.78 cited elsewhere)",
            ("--method", "symba", "--alpha", "4", "--model", "cnn", "--olu", "--dataset", "cifar10",
             "--batch-size", "512", "--lr", "1e-3", "--epochs", "100", "--crop-pad", "4", "--rotate", "15",
-            "--no-flip", "--noise", "0", "--ff-predict", "goodness"),
-           "prediction sums the goodness of every block (the Trifecta uses the last block's only)"),
+            "--no-flip", "--noise", "0", "--ff-predict", "goodness", "--ff-predict-layers", "last")),
     # SFFA (Terres-Escudero et al.): the seed text here is the abstract only; its code uses Adam
     # 1e-4 and batch 512 (SPEC 4). MNIST accuracy: not in the seed text.
     Recipe("sffa-mnist-mlp", "SFFA (Terres-Escudero et al.), MNIST MLP", "not stated in the seed text",

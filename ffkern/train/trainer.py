@@ -15,6 +15,7 @@ import torch
 from .. import __version__
 from .._backend import resolve
 from .._checks import check_choice, check_number
+from .._cliargs import layer_indices
 from . import checkpoint, rng
 from .bp import make_bp, train_bp
 from .data import Augment, Dataset, batches, check_data_config, dataset_for, input_abs_max, load_dataset  # noqa: F401
@@ -89,6 +90,7 @@ class TrainConfig:
     head_epochs: int = 30
     head_lr: float = 1e-2
     ff_predict: str = "goodness"  # "goodness" (try every label) or "head"
+    ff_predict_layers: str = "all"  # goodness prediction: the layers summed (sff: averaged): all, last, 1:, 0,2, ...
     valid_fraction: float = 0.1
     bf16: bool = False  # autocast the layers to bfloat16 (GPU only)
     compile: bool = False  # torch.compile every layer
@@ -143,6 +145,17 @@ class TrainConfig:
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
         check_number("class_scale", filled.class_scale, low=0.0, low_open=True)
+        if not isinstance(filled.ff_predict_layers, str):
+            raise TypeError(f"ff_predict_layers must be a str such as 'all', 'last', '1:' or '0,2', got"
+                            f" {type(filled.ff_predict_layers).__name__}")
+        try:
+            layer_indices(filled.ff_predict_layers, filled.depth)
+        except ValueError as exc:
+            raise ValueError(f"ff_predict_layers (--ff-predict-layers): {exc}") from None
+        if filled.ff_predict_layers != "all" and (filled.method not in FF_FAMILY + ("sff",) or filled.ff_predict != "goodness"):
+            raise ValueError(f"ff_predict_layers={filled.ff_predict_layers!r} (--ff-predict-layers) chooses the layers of"
+                             f" the goodness prediction (--method ff, symba, sffa or sff with --ff-predict goodness);"
+                             f" method {filled.method!r} with ff_predict {filled.ff_predict!r} has none")
         if filled.olu and filled.method == "bp":
             raise ValueError("olu=True (--olu) is a schedule of local updates; method 'bp' has none (use --method symba,"
                              " ff, sffa, cff or sff)")
@@ -203,9 +216,6 @@ def check_compatible(cfg: TrainConfig, data: Dataset) -> None:
         if odd:
             raise ValueError(f"method 'sffa' splits each block's channels into two halves, but with width (--width)"
                              f" {cfg.width} block(s) {odd} of model {cfg.model!r} have an odd number of channels")
-    if cfg.method == "sff" and cfg.backend not in ("auto", "reference"):
-        raise ValueError(f"method 'sff': the per-class goodness loss has no {cfg.backend!r} kernel yet (only the"
-                         f" reference); use --backend auto or reference")
     if cfg.model == "mlp" and cfg.method in FF_FAMILY:
         inputs = math.prod(data.sample_shape)
         if data.num_classes > inputs:
@@ -327,6 +337,8 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     apply_device_options(cfg, device)
     autocast_dtype = torch.bfloat16 if cfg.bf16 else None
     backend_name = resolve(cfg.backend, device).name
+    if cfg.method == "sff":  # the per-class loss: the backend that has its kernel (BackendUnavailable if none)
+        backend_name = per_class_backend(cfg.backend, device)
     data = dataset_for(cfg, data).to(device)  # loaded unless given, with the protocol (label noise, fraction)
     check_compatible(cfg, data)
     saved = None
@@ -630,10 +642,12 @@ def prediction_logits(cfg: TrainConfig, encoder, x: torch.Tensor, *, head=None, 
     if cfg.method == "bp":
         encoder.eval()
         return head(encoder(x)).float()
+    chosen = layer_indices(cfg.ff_predict_layers, cfg.depth)
     if cfg.method == "sff" and cfg.ff_predict == "goodness":
-        return class_goodness_logits(encoder, objectives, x, autocast_dtype=autocast_dtype)
+        return class_goodness_logits(encoder, objectives, x, autocast_dtype=autocast_dtype, layers=chosen)
     if cfg.method in FF_FAMILY and cfg.ff_predict == "goodness":
-        return goodness_logits(encoder, cfg.method, x, backend=cfg.backend, autocast_dtype=autocast_dtype)
+        return goodness_logits(encoder, cfg.method, x, backend=cfg.backend, autocast_dtype=autocast_dtype,
+                               layers=chosen)
     return head(head_features(cfg, encoder, x, autocast_dtype)).float()
 
 
@@ -650,8 +664,9 @@ def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
     the head module under "_head")."""
     if cfg.method in FF_FAMILY and cfg.ff_predict == "goodness":
         logits = lambda x: prediction_logits(cfg, encoder, x, autocast_dtype=autocast_dtype)  # noqa: E731
-        return {**accuracies(cfg, logits, data), "head": {"kind": "goodness of every label, summed over layers"},
-                "_head": None}
+        return {**accuracies(cfg, logits, data), "_head": None,
+                "head": {"kind": f"goodness of every label, summed over {_layers_text(cfg)}",
+                         "layers": layer_indices(cfg.ff_predict_layers, cfg.depth)}}
     ftr, fva, fte = (head_features(cfg, encoder, x, autocast_dtype) for x in (data.x_train, data.x_valid, data.x_test))
     head, info = train_linear_head(ftr, data.y_train, fva, data.y_valid, data.num_classes, epochs=cfg.head_epochs,
                                    lr=cfg.head_lr, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -664,11 +679,26 @@ def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
 
 def predict_sff(cfg: TrainConfig, encoder, objectives, data: Dataset, autocast_dtype) -> Dict:
     """Scalable FF's prediction: the argmax of the blocks' scaled class goodness, averaged over
-    all blocks (one forward pass, no label in the input)."""
+    the chosen blocks (all by default; one forward pass, no label in the input)."""
     logits = lambda x: prediction_logits(cfg, encoder, x, objectives=objectives, autocast_dtype=autocast_dtype)  # noqa: E731
     return {**accuracies(cfg, logits, data), "_head": None,
-            "head": {"kind": "per-class goodness (scaled), averaged over all blocks",
-                     "loss_backend": "reference"}}  # no other backend has the per-class kernel yet
+            "head": {"kind": f"per-class goodness (scaled), averaged over {_layers_text(cfg, 'blocks')}",
+                     "layers": layer_indices(cfg.ff_predict_layers, cfg.depth),
+                     "loss_backend": per_class_backend(cfg.backend, data.x_test.device)}}
+
+
+def per_class_backend(backend: str, device) -> str:
+    """The backend that computes sff's per-class goodness (ffkern.per_class's choice: "auto" is
+    the fused kernel where the device has one, else the reference)."""
+    from ..per_class import _impl
+
+    return _impl(backend, torch.device(device)).name
+
+
+def _layers_text(cfg: TrainConfig, what: str = "layers") -> str:
+    if cfg.ff_predict_layers == "all":
+        return f"all {what}"
+    return f"{what} {layer_indices(cfg.ff_predict_layers, cfg.depth)} (--ff-predict-layers {cfg.ff_predict_layers})"
 
 
 @torch.no_grad()
