@@ -361,3 +361,25 @@ def test_ff_predict_layers_form_is_checked_while_parsing(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--ff-predict-layers", "1:2:3:4"])
     assert "argument --ff-predict-layers" in capsys.readouterr().err
+
+
+def test_k_shapes_the_margins(tmp_path):
+    from ffkern.train.schedules import margin_schedule
+    from ffkern.train.trainer import TrainConfig, layer_margins
+
+    cfg = TrainConfig(schedule="parabolic", depth=5, k=2.0).resolved()
+    assert layer_margins(cfg) == margin_schedule("parabolic", 5, 0.4, 0.1, k=2.0) != margin_schedule("parabolic", 5, 0.4, 0.1)
+    metrics = tmp_path / "m.json"
+    argv = [*TINY[:4], "--layers", "3", *TINY[6:], "--margin-schedule", "cosine", "--k", "3", "--metrics-out", str(metrics)]
+    assert main(["train", *argv]) == 0
+    m = json.loads(metrics.read_text())
+    assert [r["margin"] for r in m["layers"]] == pytest.approx(margin_schedule("cosine", 3, 0.4, 0.1, k=3.0))
+    assert m["config"]["k"] == 3.0
+    with pytest.raises(ValueError, match="k must be"):
+        TrainConfig(k=0.0).resolved()
+
+
+def test_k_out_of_range_is_refused_while_parsing(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--k", "0"])
+    assert "argument --k: must be a number > 0" in capsys.readouterr().err

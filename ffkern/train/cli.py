@@ -120,6 +120,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="per-layer margins from m0 to mL (default: linear)")
     g.add_argument("--m0", type=_MARGIN, default=0.4, help="margin of the first layer (default: 0.4)")
     g.add_argument("--mL", type=_MARGIN, default=0.1, help="margin of the last layer (default: 0.1)")
+    g.add_argument("--k", type=_RATE, default=1.0,
+                   help="CFF's schedule exponent k of the parabolic, cosine and exponential margins (default: 1)")
     g.add_argument("--threshold", type=real(), default=2.0, help="FF goodness threshold theta (default: 2.0)")
     g.add_argument("--alpha", type=_RATE, default=4.0, help="SymBa alpha (default: 4.0)")
     g.add_argument("--olu", action="store_true",

@@ -75,6 +75,7 @@ class TrainConfig:
     schedule: str = "linear"
     m0: float = 0.4
     mL: float = 0.1
+    k: float = 1.0  # CFF's schedule exponent (parabolic, cosine, exponential; schedules.py)
     threshold: float = 2.0  # FF
     alpha: float = 4.0  # SymBa
     shift: Optional[int] = None  # the older name of crop_pad (either may be given; resolved() sets both)
@@ -140,7 +141,7 @@ class TrainConfig:
         check_number("noise", filled.noise, low=0.0)
         check_number("threshold", filled.threshold)
         check_number("alpha", filled.alpha, low=0.0, low_open=True)
-        margin_schedule(filled.schedule, filled.depth, filled.m0, filled.mL)  # checks m0 and mL
+        margin_schedule(filled.schedule, filled.depth, filled.m0, filled.mL, filled.k)  # checks m0, mL and k
         p = filled.patch_size
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
@@ -283,7 +284,7 @@ def layer_margins(cfg: TrainConfig):
     """CFF: the margin schedule; other methods: None per layer."""
     if cfg.method != "cff":
         return [None] * cfg.depth
-    return margin_schedule(cfg.schedule, cfg.depth, cfg.m0, cfg.mL)
+    return margin_schedule(cfg.schedule, cfg.depth, cfg.m0, cfg.mL, cfg.k)
 
 
 def build_local_layers(cfg: TrainConfig, encoder: Encoder, indices: Optional[Sequence[int]] = None) -> List[LocalLayer]:
