@@ -254,7 +254,7 @@ def test_without_a_validation_split_the_last_epoch_is_used_and_said():
 
     data = load_digits()
     data = dataclasses.replace(data, x_valid=data.x_valid[:0], y_valid=data.y_valid[:0])
-    m = train(TrainConfig(epochs=2, width=16, depth=1, head_epochs=2, backend="reference", threads=1), progress=False,
+    m = train(TrainConfig(epochs=2, width=16, layers=1, head_epochs=2, backend="reference", threads=1), progress=False,
               log=lambda s: None, data=data)
     enc = m["selection"]["encoder"]
     assert enc["epoch"] == 1 and enc["valid_loss"] is None and "no validation split" in enc["criterion"]

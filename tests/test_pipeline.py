@@ -32,16 +32,16 @@ TINY = dict(epochs=2, batch_size=64, head_epochs=2, backend="reference", device=
 # depth 3 on 2 ranks [[0, 1], [2]]; depth 3 on 3 ranks one each; depth 4 on 3 ranks [[0, 1], [2], [3]].
 RUNS = {
     2: {
-        "cff-mlp": dict(method="cff", model="mlp", width=24, depth=3, lr=3e-3),
-        "symba-mlp-head": dict(method="symba", model="mlp", width=24, depth=3, lr=3e-3, ff_predict="head"),
+        "cff-mlp": dict(method="cff", model="mlp", width=24, layers=3, lr=3e-3),
+        "symba-mlp-head": dict(method="symba", model="mlp", width=24, layers=3, lr=3e-3, ff_predict="head"),
         # the last layer's validation loss is lowest at epoch 2 of 4: every rank's layers must go back to
         # then, else the head (trained on all layers but the first) learns other numbers
-        "symba-selects-early": dict(method="symba", model="mlp", width=24, depth=3, lr=0.1, epochs=4, batch_size=8,
+        "symba-selects-early": dict(method="symba", model="mlp", width=24, layers=3, lr=0.1, epochs=4, batch_size=8,
                                     ff_predict="head"),
     },
     3: {
-        "cff-vit-oneview": dict(method="cff", model="vit", width=16, depth=3, heads=2, views=1, lr=3e-3),
-        "ff-mlp": dict(method="ff", model="mlp", width=24, depth=4, lr=3e-3),
+        "cff-vit-oneview": dict(method="cff", model="vit", width=16, layers=3, heads=2, views=1, lr=3e-3),
+        "ff-mlp": dict(method="ff", model="mlp", width=24, layers=4, lr=3e-3),
     },
 }
 
@@ -93,9 +93,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, data_path: str)
 
     data = load_npz(data_path, 0, 0.1)
     refused = {  # every rank must raise the same error (none may be left waiting for another)
-        "too_few_layers": config(width=24, depth=world - 1),
-        "ranks_disagree": config(width=24, depth=world, seed=1 if rank == world - 1 else 0),
-        "bp": config(method="bp", width=24, depth=world),
+        "too_few_layers": config(width=24, layers=world - 1),
+        "ranks_disagree": config(width=24, layers=world, seed=1 if rank == world - 1 else 0),
+        "bp": config(method="bp", width=24, layers=world),
     }
     for name, cfg in refused.items():
         try:
@@ -152,7 +152,7 @@ def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
 
     info = pipe["pipeline"]
     assert info["world_size"] == world and info["process_group_backend"] == "gloo"
-    assert info["layers_per_rank"] == split_layers(cfg.depth, world)
+    assert info["layers_per_rank"] == split_layers(cfg.layers, world)
     assert [r["layers"] for r in info["ranks"]] == info["layers_per_rank"]
     n_train = len(data.y_train)
     assert info["train_steps"] == cfg.epochs * len(list(batches(n_train, cfg.batch_size, 0, 0))) > 0
@@ -189,7 +189,7 @@ def test_refused_on_every_rank(world, dataset_path):
 
 def test_single_process_pipeline(dataset_path, one_thread):
     """Without torchrun, --pipeline runs as a pipeline of one process (no network)."""
-    cfg = config(method="sffa", width=24, depth=2)
+    cfg = config(method="sffa", width=24, layers=2)
     data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
     pipe = train_pipeline(cfg, progress=False, log=lambda s: None, data=data)
     seq = train(cfg, progress=False, log=lambda s: None, data=data)
@@ -213,7 +213,7 @@ def test_torchrun_end_to_end(dataset_path, tmp_path, one_thread):
     assert pipe["pipeline"]["world_size"] == 2 and pipe["pipeline"]["layers_per_rank"] == [[0, 1], [2]]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # torchrun sets OMP_NUM_THREADS=1 in its workers; the sequential run gets one thread too.
-    cfg = config(dataset=dataset_path, width=24, depth=3, lr=0.003)
+    cfg = config(dataset=dataset_path, width=24, layers=3, lr=0.003)
     seq = json.loads(json.dumps(train(cfg, progress=False, log=lambda s: None,
                                       data=load_npz(dataset_path, cfg.seed, cfg.valid_fraction))))
     seq["config"]["threads"] = pipe["config"]["threads"]  # --threads was not given to torchrun's command

@@ -56,7 +56,7 @@ def test_recipe_starts(name, tmp_path, capsys):
 def test_options_after_the_recipe_override_it():
     argv = recipes.expand(["--data-dir", "D", "--recipe", "cff-cifar10-vit", "--lr", "1e-2"])
     args = build_parser().parse_args(["train", *argv])
-    assert args.lr == 1e-2 and args.width == 128 and args.depth == 5 and args.weight_decay == 0.01
+    assert args.lr == 1e-2 and args.width == 128 and args.layers == 5 and args.weight_decay == 0.01
     assert args.data_dir == "D" and args.recipe == "cff-cifar10-vit"
 
 

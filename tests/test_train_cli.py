@@ -367,7 +367,7 @@ def test_k_shapes_the_margins(tmp_path):
     from ffkern.train.schedules import margin_schedule
     from ffkern.train.trainer import TrainConfig, layer_margins
 
-    cfg = TrainConfig(schedule="parabolic", depth=5, k=2.0).resolved()
+    cfg = TrainConfig(margin_schedule="parabolic", layers=5, k=2.0).resolved()
     assert layer_margins(cfg) == margin_schedule("parabolic", 5, 0.4, 0.1, k=2.0) != margin_schedule("parabolic", 5, 0.4, 0.1)
     metrics = tmp_path / "m.json"
     argv = [*TINY[:4], "--layers", "3", *TINY[6:], "--margin-schedule", "cosine", "--k", "3", "--metrics-out", str(metrics)]
@@ -383,3 +383,33 @@ def test_k_out_of_range_is_refused_while_parsing(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--k", "0"])
     assert "argument --k: must be a number > 0" in capsys.readouterr().err
+
+
+def test_config_fields_are_the_option_names():
+    import dataclasses
+    import warnings
+
+    from ffkern.cli import build_parser
+    from ffkern.train.trainer import TrainConfig
+
+    train_parser = build_parser().subcommands["train"]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for action in train_parser._actions:
+        if action.dest in fields:  # each option sets the field of its own name
+            assert "--" + action.dest.replace("_", "-") in action.option_strings, action.option_strings
+    config_dests = {a.dest for a in train_parser._actions if a.dest in fields}
+    assert {"layers", "margin_schedule", "crop_pad", "k", "ff_predict_layers", "select_encoder"} <= config_dests
+    with warnings.catch_warnings(record=True) as caught:  # the older keywords still work, with a warning
+        warnings.simplefilter("always")
+        cfg = TrainConfig(depth=4, schedule="cosine")
+        assert cfg.layers == 4 and cfg.margin_schedule == "cosine" and cfg.depth == 4 and cfg.schedule == "cosine"
+    assert [w.category for w in caught] == [DeprecationWarning] * 4 and "field is layers now" in str(caught[0].message)
+    with pytest.raises(TypeError, match="give layers"):
+        TrainConfig(depth=3, layers=3)
+
+
+def test_metrics_config_keeps_the_older_keys(tmp_path):
+    metrics = tmp_path / "m.json"
+    assert main(["train", *TINY, "--metrics-out", str(metrics)]) == 0
+    c = json.loads(metrics.read_text())["config"]
+    assert c["layers"] == c["depth"] == 2 and c["margin_schedule"] == c["schedule"] == "linear"

@@ -211,7 +211,7 @@ def test_sff_learns_the_tiny_task():
 
 @pytest.mark.parametrize("kw,match", [
     (dict(method="sff", model="mlp"), "conv model"), (dict(model="mlp", width=0.5), "width must be an int"),
-    (dict(model="resnet18", norm="layer"), "norm"), (dict(model="cnn", depth=7), "6 blocks"),
+    (dict(model="resnet18", norm="layer"), "norm"), (dict(model="cnn", layers=7), "6 blocks"),
     (dict(method="bp", model="cnn", olu=True), "olu"), (dict(model="cnn", width=0.0), "width must be > 0"),
 ])
 def test_config_errors(kw, match):

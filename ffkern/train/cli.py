@@ -83,7 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--width", type=_width, default=None,
                    help="E: units per MLP layer / ViT embedding size (default: 500 MLP, 64 ViT); conv models: a channel"
                         " multiplier (default: 0.25 cnn and resnet18, 0.5 mobilenetv3)")
-    g.add_argument("--layers", dest="depth", type=_POSITIVE, default=None,
+    g.add_argument("--layers", type=_POSITIVE, default=None,
                    help="L: number of layers (default: 3); cnn: 6 (the Trifecta's small network, default) or 12 (large)")
     g.add_argument("--norm", choices=("batch", "layer"), default="batch",
                    help="cnn: the norm at the start of each block, BatchNorm2d over positives and negatives together"
@@ -116,7 +116,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also report the top-K test accuracy (metrics: test_topK_accuracy)")
     g = p.add_argument_group("losses")
     g.add_argument("--temperature", type=_RATE, default=0.15, help="CFF temperature tau (default: 0.15)")
-    g.add_argument("--margin-schedule", dest="schedule", choices=_SCHEDULES, default="linear",
+    g.add_argument("--margin-schedule", choices=_SCHEDULES, default="linear",
                    help="per-layer margins from m0 to mL (default: linear)")
     g.add_argument("--m0", type=_MARGIN, default=0.4, help="margin of the first layer (default: 0.4)")
     g.add_argument("--mL", type=_MARGIN, default=0.1, help="margin of the last layer (default: 0.1)")

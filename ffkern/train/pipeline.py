@@ -88,7 +88,7 @@ def check_pipeline(cfg: TrainConfig, world: int) -> None:
         # Not yet checked to equal the sequential run (sff's per-block 1x1 convs live in the objectives,
         # which the end-of-training broadcast does not carry).
         raise ValueError(f"model {cfg.model!r} (--model): the conv models are not yet offered with --pipeline; drop --pipeline")
-    split_layers(cfg.depth, world)
+    split_layers(cfg.layers, world)
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
          log: Callable[[str], None], t0: float) -> Optional[Dict]:
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
     check_pipeline(cfg, world)
-    owners = split_layers(cfg.depth, world)
+    owners = split_layers(cfg.layers, world)
     mine = owners[rank]
     backend_name = resolve(cfg.backend, device).name
     data = dataset_for(cfg, data)  # loaded unless given, with the protocol (label noise, fraction)
@@ -357,7 +357,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     if rank != 0:
         return None
 
-    full = History([f"layer {l}" for l in range(cfg.depth)], margins)
+    full = History([f"layer {l}" for l in range(cfg.layers)], margins)
     for rep in reports:
         for l, rec in zip(rep["layers"], rep["records"]):
             full.layers[l] = rec

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -30,23 +32,23 @@ from .schedules import SCHEDULES, margin_schedule
 # Defaults per (method, model) that make the plain command the good run on the bundled digits
 # (measured on a 2-core CPU, see the README); any explicit option overrides them.
 DEFAULTS = {
-    ("cff", "mlp"): dict(epochs=30, lr=1e-3, width=500, depth=3),
-    ("cff", "vit"): dict(epochs=30, lr=1e-3, width=64, depth=3),
-    ("ff", "mlp"): dict(epochs=60, lr=1e-3, width=500, depth=3),
-    ("ff", "vit"): dict(epochs=30, lr=3e-3, width=64, depth=3),
-    ("symba", "mlp"): dict(epochs=60, lr=1e-3, width=500, depth=3),
-    ("symba", "vit"): dict(epochs=30, lr=3e-3, width=64, depth=3),
-    ("sffa", "mlp"): dict(epochs=60, lr=1e-3, width=500, depth=3),
-    ("sffa", "vit"): dict(epochs=30, lr=3e-3, width=64, depth=3),
-    ("bp", "mlp"): dict(epochs=30, lr=1e-3, width=500, depth=3),
-    ("bp", "vit"): dict(epochs=30, lr=1e-3, width=64, depth=3),
+    ("cff", "mlp"): dict(epochs=30, lr=1e-3, width=500, layers=3),
+    ("cff", "vit"): dict(epochs=30, lr=1e-3, width=64, layers=3),
+    ("ff", "mlp"): dict(epochs=60, lr=1e-3, width=500, layers=3),
+    ("ff", "vit"): dict(epochs=30, lr=3e-3, width=64, layers=3),
+    ("symba", "mlp"): dict(epochs=60, lr=1e-3, width=500, layers=3),
+    ("symba", "vit"): dict(epochs=30, lr=3e-3, width=64, layers=3),
+    ("sffa", "mlp"): dict(epochs=60, lr=1e-3, width=500, layers=3),
+    ("sffa", "vit"): dict(epochs=30, lr=3e-3, width=64, layers=3),
+    ("bp", "mlp"): dict(epochs=30, lr=1e-3, width=500, layers=3),
+    ("bp", "vit"): dict(epochs=30, lr=1e-3, width=64, layers=3),
 }
 # Conv models (conv_models.py): width is a channel multiplier; depth the number of blocks.
 CONV_DEFAULTS = {"cnn": dict(epochs=20, lr=1e-3, width=0.25), "resnet18": dict(epochs=10, lr=1e-3, width=0.25),
                  "mobilenetv3": dict(epochs=10, lr=3e-3, width=0.5)}  # 1e-3: 87 % on digits with seed 1
 for _model, _d in CONV_DEFAULTS.items():
     for _method in METHODS:
-        DEFAULTS[(_method, _model)] = dict(_d, depth=default_depth(_model))
+        DEFAULTS[(_method, _model)] = dict(_d, layers=default_depth(_model))
 
 
 SELECT_ENCODER = ("best-valid", "last")
@@ -67,12 +69,12 @@ class TrainConfig:
     lr: Optional[float] = None
     weight_decay: float = 0.0
     width: Optional[float] = None  # E (an int) for mlp/vit; the channel multiplier for the conv models
-    depth: Optional[int] = None  # L
+    layers: Optional[int] = None  # L, the number of layers (blocks); --layers (older keyword: depth)
     heads: int = 4  # H (ViT)
     patch_size: Optional[int] = None  # ViT; None: the image side / 4 (16 patches)
     views: int = 2  # CFF views per batch; 1 = one-forward mode
     temperature: float = 0.15
-    schedule: str = "linear"
+    margin_schedule: str = "linear"  # CFF's per-layer margins; --margin-schedule (older keyword: schedule)
     m0: float = 0.4
     mL: float = 0.1
     k: float = 1.0  # CFF's schedule exponent (parabolic, cosine, exponential; schedules.py)
@@ -107,7 +109,7 @@ class TrainConfig:
         """Checks every option (ValueError/TypeError naming it) and fills the defaults."""
         check_choice("method", self.method, METHODS)
         check_choice("model", self.model, MODELS)
-        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("margin_schedule", self.margin_schedule, SCHEDULES)
         check_choice("ff_predict", self.ff_predict, ("goodness", "head"))
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         check_choice("norm", self.norm, NORMS)
@@ -119,8 +121,8 @@ class TrainConfig:
         conv = filled.model in CONV_MODELS
         if conv:
             check_number("width", filled.width, low=0.0, low_open=True)  # a channel multiplier
-            check_depth(filled.model, filled.depth)
-        for name in ("epochs", "batch_size", "depth", "heads", "head_epochs", "threads") + (() if conv else ("width",)):
+            check_depth(filled.model, filled.layers)
+        for name in ("epochs", "batch_size", "layers", "heads", "head_epochs", "threads") + (() if conv else ("width",)):
             v = getattr(filled, name)
             if v is None and name == "threads":
                 continue
@@ -141,7 +143,7 @@ class TrainConfig:
         check_number("noise", filled.noise, low=0.0)
         check_number("threshold", filled.threshold)
         check_number("alpha", filled.alpha, low=0.0, low_open=True)
-        margin_schedule(filled.schedule, filled.depth, filled.m0, filled.mL, filled.k)  # checks m0, mL and k
+        margin_schedule(filled.margin_schedule, filled.layers, filled.m0, filled.mL, filled.k)  # checks m0, mL and k
         p = filled.patch_size
         if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
             raise ValueError(f"patch_size must be an int >= 1, got {p!r}")
@@ -150,7 +152,7 @@ class TrainConfig:
             raise TypeError(f"ff_predict_layers must be a str such as 'all', 'last', '1:' or '0,2', got"
                             f" {type(filled.ff_predict_layers).__name__}")
         try:
-            layer_indices(filled.ff_predict_layers, filled.depth)
+            layer_indices(filled.ff_predict_layers, filled.layers)
         except ValueError as exc:
             raise ValueError(f"ff_predict_layers (--ff-predict-layers): {exc}") from None
         if filled.ff_predict_layers != "all" and (filled.method not in FF_FAMILY + ("sff",) or filled.ff_predict != "goodness"):
@@ -168,6 +170,39 @@ class TrainConfig:
         if filled.model == "vit" and filled.width % filled.heads:  # attention splits E into H equal heads
             raise ValueError(f"width (--width) E={filled.width} must be divisible by heads (--heads) H={filled.heads} for the ViT")
         return check_data_config(filled)  # data, augmentation and protocol options (data.py)
+
+
+# TrainConfig's fields are named as the ``ffkern train`` options that set them (--layers: layers,
+# --margin-schedule: margin_schedule); the older keyword names still work, with a DeprecationWarning.
+RENAMED_FIELDS = {"depth": "layers", "schedule": "margin_schedule"}
+
+
+def _accept_old_names(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for old, new in RENAMED_FIELDS.items():
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"TrainConfig got both {old}= and {new}=; {old} is the older name of {new}: give {new}")
+                warnings.warn(f"TrainConfig({old}=...) is deprecated: the field is {new} now (as the option"
+                              f" {config_flag(new)})", DeprecationWarning, stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _old_name(old: str, new: str) -> property:
+    def get(self):
+        warnings.warn(f"TrainConfig.{old} is deprecated: read TrainConfig.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(get, doc=f"Deprecated: the older name of {new}.")
+
+
+TrainConfig.__init__ = _accept_old_names(TrainConfig.__init__)
+for _old, _new in RENAMED_FIELDS.items():
+    setattr(TrainConfig, _old, _old_name(_old, _new))
 
 
 def default_shift(sample_shape) -> int:
@@ -213,7 +248,7 @@ def check_compatible(cfg: TrainConfig, data: Dataset) -> None:
         raise ValueError(f"model {cfg.model!r} needs image inputs [N, C, H, W] or [N, H, W], but dataset {data.name}"
                          f" holds vectors of shape {list(data.sample_shape)}; use --model mlp")
     if cfg.method == "sffa" and cfg.model in CONV_MODELS:
-        odd = [l for l, c in enumerate(block_channels(cfg.model, cfg.width, cfg.depth)) if c % 2]
+        odd = [l for l, c in enumerate(block_channels(cfg.model, cfg.width, cfg.layers)) if c % 2]
         if odd:
             raise ValueError(f"method 'sffa' splits each block's channels into two halves, but with width (--width)"
                              f" {cfg.width} block(s) {odd} of model {cfg.model!r} have an odd number of channels")
@@ -262,7 +297,7 @@ def build_model(cfg: TrainConfig, data: Dataset) -> Encoder:
     layer (rng.INIT streams), so every process of a pipeline can build it and keep its own layers."""
     patch = (cfg.patch_size or default_patch(data.sample_shape)) if cfg.model == "vit" else 1
     label_scale = input_abs_max(data.x_train) if cfg.method in FF_FAMILY else 1.0  # FF's label: a bright "pixel"
-    encoder = build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.depth,
+    encoder = build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.layers,
                             heads=cfg.heads, patch_size=patch, label_input=cfg.method in FF_FAMILY,
                             label_scale=label_scale, seed=cfg.seed, norm=cfg.norm)
     if cfg.channels_last:
@@ -283,16 +318,16 @@ def build_augment(cfg: TrainConfig, data: Dataset) -> Augment:
 def layer_margins(cfg: TrainConfig):
     """CFF: the margin schedule; other methods: None per layer."""
     if cfg.method != "cff":
-        return [None] * cfg.depth
-    return margin_schedule(cfg.schedule, cfg.depth, cfg.m0, cfg.mL, cfg.k)
+        return [None] * cfg.layers
+    return margin_schedule(cfg.margin_schedule, cfg.layers, cfg.m0, cfg.mL, cfg.k)
 
 
 def build_local_layers(cfg: TrainConfig, encoder: Encoder, indices: Optional[Sequence[int]] = None) -> List[LocalLayer]:
     """LocalLayers (own AdamW, own objective) for the contiguous layer indices ``indices`` (default:
     all): a pipeline stage builds only its group."""
-    indices = list(range(cfg.depth)) if indices is None else list(indices)
-    if not indices or indices != list(range(indices[0], indices[0] + len(indices))) or not 0 <= indices[0] <= indices[-1] < cfg.depth:
-        raise ValueError(f"indices must be a non-empty contiguous range inside 0..{cfg.depth - 1}, got {indices}")
+    indices = list(range(cfg.layers)) if indices is None else list(indices)
+    if not indices or indices != list(range(indices[0], indices[0] + len(indices))) or not 0 <= indices[0] <= indices[-1] < cfg.layers:
+        raise ValueError(f"indices must be a non-empty contiguous range inside 0..{cfg.layers - 1}, got {indices}")
     margins = layer_margins(cfg)
     objectives = [make_objective(cfg.method, encoder, margins[l], temperature=cfg.temperature, threshold=cfg.threshold,
                                  alpha=cfg.alpha, backend=cfg.backend, layer=l, seed=cfg.seed,
@@ -407,7 +442,7 @@ class Stage1:
             for l, layer in enumerate(self.layers):
                 if isinstance(layer.objective, torch.nn.Module):  # sff's per-class 1x1 conv
                     self.modules[f"objective{l}"] = layer.objective
-            self.history = History([f"layer {l}" for l in range(cfg.depth)], layer_margins(cfg))
+            self.history = History([f"layer {l}" for l in range(cfg.layers)], layer_margins(cfg))
         self.selector = EncoderSelector(cfg.select_encoder, self.modules)
 
     def tensors(self) -> Dict:
@@ -523,8 +558,7 @@ def check_save_folder(save: str, resume: Optional[str]) -> None:
 
 def config_flag(field: str) -> str:
     """The ``ffkern train`` option of a TrainConfig field."""
-    return {"depth": "--layers", "schedule": "--margin-schedule", "valid_fraction": "valid_fraction"}.get(
-        field, "--" + field.replace("_", "-"))
+    return {"valid_fraction": "valid_fraction"}.get(field, "--" + field.replace("_", "-"))
 
 
 def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
@@ -556,7 +590,8 @@ def run_metrics(cfg: TrainConfig, data: Dataset, encoder, augment: Augment, hist
         "backend": backend_name, "device": str(device), "torch_threads": torch.get_num_threads(), "wall_time_s": wall,
         "layers": history.to_json(),
         "head": result.get("head"),
-        "config": dataclasses.asdict(cfg) | {"patch_size": patch, "shift": augment.shift} | augment.describe(),
+        "config": dataclasses.asdict(cfg) | {"patch_size": patch, "shift": augment.shift} | augment.describe()
+                  | {old: getattr(cfg, new) for old, new in RENAMED_FIELDS.items()},  # the older keys stay
         "protocol": {"label_noise": 0.0, "train_fraction": 1.0, "num_train_full": len(data.y_train),
                      "num_train": len(data.y_train), "noisy_train_labels": 0} | data.protocol,
         "versions": {"ffkern": __version__, "torch": torch.__version__},
@@ -643,7 +678,7 @@ def prediction_logits(cfg: TrainConfig, encoder, x: torch.Tensor, *, head=None, 
     if cfg.method == "bp":
         encoder.eval()
         return head(encoder(x)).float()
-    chosen = layer_indices(cfg.ff_predict_layers, cfg.depth)
+    chosen = layer_indices(cfg.ff_predict_layers, cfg.layers)
     if cfg.method == "sff" and cfg.ff_predict == "goodness":
         return class_goodness_logits(encoder, objectives, x, autocast_dtype=autocast_dtype, layers=chosen)
     if cfg.method in FF_FAMILY and cfg.ff_predict == "goodness":
@@ -667,7 +702,7 @@ def predict(cfg: TrainConfig, encoder, data: Dataset, autocast_dtype) -> Dict:
         logits = lambda x: prediction_logits(cfg, encoder, x, autocast_dtype=autocast_dtype)  # noqa: E731
         return {**accuracies(cfg, logits, data), "_head": None,
                 "head": {"kind": f"goodness of every label, summed over {_layers_text(cfg)}",
-                         "layers": layer_indices(cfg.ff_predict_layers, cfg.depth)}}
+                         "layers": layer_indices(cfg.ff_predict_layers, cfg.layers)}}
     ftr, fva, fte = (head_features(cfg, encoder, x, autocast_dtype) for x in (data.x_train, data.x_valid, data.x_test))
     head, info = train_linear_head(ftr, data.y_train, fva, data.y_valid, data.num_classes, epochs=cfg.head_epochs,
                                    lr=cfg.head_lr, batch_size=cfg.batch_size, seed=cfg.seed)
@@ -684,7 +719,7 @@ def predict_sff(cfg: TrainConfig, encoder, objectives, data: Dataset, autocast_d
     logits = lambda x: prediction_logits(cfg, encoder, x, objectives=objectives, autocast_dtype=autocast_dtype)  # noqa: E731
     return {**accuracies(cfg, logits, data), "_head": None,
             "head": {"kind": f"per-class goodness (scaled), averaged over {_layers_text(cfg, 'blocks')}",
-                     "layers": layer_indices(cfg.ff_predict_layers, cfg.depth),
+                     "layers": layer_indices(cfg.ff_predict_layers, cfg.layers),
                      "loss_backend": per_class_backend(cfg.backend, data.x_test.device)}}
 
 
@@ -699,7 +734,7 @@ def per_class_backend(backend: str, device) -> str:
 def _layers_text(cfg: TrainConfig, what: str = "layers") -> str:
     if cfg.ff_predict_layers == "all":
         return f"all {what}"
-    return f"{what} {layer_indices(cfg.ff_predict_layers, cfg.depth)} (--ff-predict-layers {cfg.ff_predict_layers})"
+    return f"{what} {layer_indices(cfg.ff_predict_layers, cfg.layers)} (--ff-predict-layers {cfg.ff_predict_layers})"
 
 
 @torch.no_grad()
