@@ -413,3 +413,67 @@ def test_metrics_config_keeps_the_older_keys(tmp_path):
     assert main(["train", *TINY, "--metrics-out", str(metrics)]) == 0
     c = json.loads(metrics.read_text())["config"]
     assert c["layers"] == c["depth"] == 2 and c["margin_schedule"] == c["schedule"] == "linear"
+
+
+# ---- threads on a busy machine (issue 13) --------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("load,cores,default,expect,says", [
+    (2.1, 2, 2, 1, True),  # the loaded 2-core machine of the issue: 1 thread, said
+    (0.2, 2, 2, 2, False),  # quiet: torch's choice, nothing said
+    (3.4, 8, 8, 5, True),  # 3 cores taken of 8
+    (9.0, 4, 4, 1, True),  # more work than cores: still 1
+    (0.0, 16, 4, 4, False),  # never more than torch's default
+])
+def test_threads_fit_the_idle_cores(load, cores, default, expect, says, monkeypatch, torch_threads):
+    import torch
+
+    from ffkern.train import trainer
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(trainer, "machine_load", lambda: load)
+    monkeypatch.setattr(trainer.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(trainer, "TORCH_DEFAULT_THREADS", default)
+    lines = []
+    info = trainer.choose_threads(trainer.TrainConfig().resolved(), torch.device("cpu"), lines.append)
+    assert info["threads"] == torch.get_num_threads() == expect
+    assert info["load_average_1min"] == load and info["cores"] == cores and info["chosen_by"] == "idle cores (load average)"
+    assert len(lines) == int(says)
+    if says:
+        assert f"load average {load:.2f} on {cores} cores" in lines[0] and f"using {expect} CPU thread" in lines[0]
+        assert "--threads N" in lines[0]
+
+
+def test_given_threads_and_omp_num_threads_are_kept(monkeypatch, torch_threads):
+    import torch
+
+    from ffkern.train import trainer
+
+    monkeypatch.setattr(trainer, "machine_load", lambda: 50.0)
+    lines = []
+    info = trainer.choose_threads(trainer.TrainConfig(threads=2).resolved(), torch.device("cpu"), lines.append)
+    assert info["threads"] == 2 and info["chosen_by"] == "--threads" and not lines
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    info = trainer.choose_threads(trainer.TrainConfig().resolved(), torch.device("cpu"), lines.append)
+    assert info["chosen_by"] == "OMP_NUM_THREADS" and not lines
+
+
+def test_the_choice_and_the_load_are_in_the_metrics(tmp_path, monkeypatch, capsys, torch_threads):
+    from ffkern.train import trainer
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(trainer, "machine_load", lambda: 7.5)
+    metrics = tmp_path / "m.json"
+    assert main(["train", *TINY, "--device", "cpu", "--metrics-out", str(metrics)]) == 0
+    assert "the machine is busy (load average 7.50" in capsys.readouterr().out or trainer.TORCH_DEFAULT_THREADS == 1
+    m = json.loads(metrics.read_text())
+    assert m["threads"]["load_average_1min"] == 7.5 and m["threads"]["threads"] == m["torch_threads"] == 1

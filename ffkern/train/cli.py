@@ -149,7 +149,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--channels-last", action="store_true",
                    help="conv models: weights and maps channels-last (NHWC; faster convolutions on a GPU; default off)")
     g.add_argument("--threads", type=_POSITIVE, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy shared machine)")
+                   help="torch CPU threads (default: the cores other processes leave idle, by the load average, at most"
+                        " torch's choice; OMP_NUM_THREADS, when set, is kept)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--recipe", choices=recipe_names(), default=None,
                    help="set every option of one seed paper's run (list: ffkern recipes); options after it override it")

@@ -275,7 +275,7 @@ def train_pipeline(config: TrainConfig = TrainConfig(), *, progress: bool = True
     if group is None:  # with a group, _run checks against its size
         check_pipeline(cfg, world_size_from_env())
     device = _rank_device(cfg)
-    apply_device_options(cfg, device)
+    apply_device_options(cfg, device, log)
     with _process_group(group, device) as pg:
         return _run(cfg, device, pg, data, progress, log, t0)
 

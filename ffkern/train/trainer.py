@@ -370,7 +370,7 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     cfg = config.resolved()
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
-    apply_device_options(cfg, device)
+    threads = apply_device_options(cfg, device, log)
     autocast_dtype = torch.bfloat16 if cfg.bf16 else None
     backend_name = resolve(cfg.backend, device).name
     if cfg.method == "sff":  # the per-class loss: the backend that has its kernel (BackendUnavailable if none)
@@ -414,6 +414,7 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     metrics = run_metrics(cfg, data, encoder, augment, run.history, result, backend_name, device, t0, log)
     metrics["warnings"] = notes
     metrics["selection"] = {"encoder": selection, "head": head_selection(result.get("head"))}
+    metrics["threads"] = threads
     if save is not None:
         meta = run.meta(cfg.epochs, finished=True)
         meta.update(metrics=metrics, head_dim=None if head is None else int(head[0].normalized_shape[0]))
@@ -567,11 +568,61 @@ def check_device_options(cfg: TrainConfig, device: torch.device) -> None:
         raise ValueError("bf16=True (--bf16) autocasts on a GPU; on the CPU it is not offered (use --device cuda)")
 
 
-def apply_device_options(cfg: TrainConfig, device: torch.device) -> None:
-    """Checks the options that depend on the device and sets torch's CPU threads."""
+def apply_device_options(cfg: TrainConfig, device: torch.device, log: Optional[Callable[[str], None]] = None) -> Dict:
+    """Checks the options that depend on the device and sets torch's CPU threads (choose_threads);
+    returns what the metrics record of the choice."""
     check_device_options(cfg, device)
+    return choose_threads(cfg, device, log)
+
+
+# torch's own thread count for this machine (or OMP_NUM_THREADS), before any run changed it
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+
+
+def machine_load() -> Optional[float]:
+    """The 1-minute load average (processes running or waiting for a core), None where the
+    system has none. It counts this process too, so a second run in one Python process sees
+    the first one's work: the choice errs towards fewer threads, never more than torch's."""
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def choose_threads(cfg: TrainConfig, device: torch.device, log: Optional[Callable[[str], None]] = None) -> Dict:
+    """torch's CPU threads: ``cfg.threads`` when given; else, for a CPU run, as many as the cores
+    that other processes leave idle (the load average rounded, taken from the cores; at least 1,
+    at most torch's default). On a loaded 2-core machine torch's 2 threads ran 4-34x slower than 1,
+    as each waits for the other's core. OMP_NUM_THREADS, when set, is the user's choice and kept.
+    Logs one line when it picks fewer threads than torch would."""
+    cores = os.cpu_count() or 1
+    info = {"threads": None, "chosen_by": None, "load_average_1min": None, "cores": cores,
+            "torch_default": TORCH_DEFAULT_THREADS}
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+        info.update(chosen_by="--threads")
+    elif device.type != "cpu":
+        info.update(chosen_by="torch's default (a GPU run)")
+    elif os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(TORCH_DEFAULT_THREADS)
+        info.update(chosen_by="OMP_NUM_THREADS")
+    else:
+        load = machine_load()
+        info["load_average_1min"] = load
+        if load is None:
+            torch.set_num_threads(TORCH_DEFAULT_THREADS)
+            info.update(chosen_by="torch's default (no load average on this system)")
+        else:
+            idle = max(1, cores - int(load + 0.5))
+            threads = max(1, min(TORCH_DEFAULT_THREADS, idle))
+            torch.set_num_threads(threads)
+            info.update(chosen_by="idle cores (load average)")
+            if threads < TORCH_DEFAULT_THREADS and log is not None:
+                log(f"ffkern train: the machine is busy (load average {load:.2f} on {cores} cores): using {threads} CPU"
+                    f" thread{'s' if threads > 1 else ''} instead of torch's {TORCH_DEFAULT_THREADS}, which would wait"
+                    f" for each other's cores; --threads N sets the number")
+    info["threads"] = torch.get_num_threads()
+    return info
 
 
 def run_metrics(cfg: TrainConfig, data: Dataset, encoder, augment: Augment, history: History, result: Dict,
