@@ -281,3 +281,36 @@ def test_sff_prediction_averages_the_chosen_blocks_and_names_its_backend(monkeyp
 
     monkeypatch.setattr("ffkern.per_class._impl", lambda backend, device: Fused())  # what per_class would run
     assert trainer.per_class_backend("auto", "cpu") == "cpp"  # reported, not assumed
+
+
+def test_progress_names_the_layers_and_shows_no_placeholders(monkeypatch):
+    from ffkern.train import trainer
+    from ffkern.train.metrics import History
+
+    history = History(["layer 0", "layer 1", "layer 2"])
+    history.layers[0]["train_loss"] = [0.9, None]  # OLU: trained in epoch 0, not in epoch 1: its last value
+    history.layers[1]["train_loss"] = [0.5123, 0.4981]
+    history.layers[2]["train_loss"] = [None, None]  # never trained yet: left out
+    assert trainer.loss_postfix(history) == "L0 0.900 L1 0.498"
+    assert trainer.loss_postfix(history, first_layer=4) == "L4 0.900 L5 0.498"  # a pipeline stage's layers
+
+    shown = []
+
+    class Bar:  # what the run shows on its tqdm bar, epoch by epoch
+        def __init__(self, epochs, desc, enabled, start=0):
+            self.epochs = range(start, epochs)
+
+        def __iter__(self):
+            return iter(self.epochs)
+
+        def set_postfix(self, *args, **kwargs):
+            raise AssertionError("the postfix is one text, not key=value pairs")
+
+        def set_postfix_str(self, text, refresh=True):
+            shown.append(text)
+
+    monkeypatch.setattr(trainer, "_progress", Bar)
+    train(TrainConfig(method="symba", model="cnn", olu=True, **dict(TINY, batch_size=64, epochs=2)), data=tiny_images(),
+          **QUIET)
+    assert len(shown) == 2 and all("-" not in text for text in shown)
+    assert [part for part in shown[-1].split() if part.startswith("L")] == ["L1", "L3", "L5"]  # step 0: odd blocks only
