@@ -97,9 +97,11 @@ def test_folder_contents_and_eval(tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
 
 
-def test_eval_of_a_head_run_matches_training(tmp_path, capsys):
+@pytest.mark.parametrize("opts", [RUNS["cff-mlp"], RUNS["bp-mlp"], [*RUNS["symba-mlp"], "--ff-predict", "head"],
+                                  [*RUNS["symba-mlp"], "--ff-predict-layers", "last"]], ids=["cff", "bp", "symba-head", "symba-last"])
+def test_eval_matches_training(opts, tmp_path, capsys):
     run = tmp_path / "run"
-    _train([*RUNS["cff-mlp"], "--epochs", "2", "--save", str(run)], capsys)
+    _train([*opts, "--epochs", "2", "--save", str(run)], capsys)
     out = tmp_path / "eval.json"
     assert main(["eval", str(run), "--dataset", "digits", "--metrics-out", str(out)]) == 0
     result, metrics = json.loads(out.read_text()), json.loads((run / "metrics.json").read_text())
@@ -180,6 +182,12 @@ def test_save_refuses_a_folder_with_another_run_and_eval_an_unfinished_or_other_
         main(["train", *BASE, *RUNS["cff-mlp"], "--epochs", "2", "--save", str(tmp_path / "cut")])
     monkeypatch.setattr(checkpoint, "save", real_save)
     assert "stopped after epoch 1 of 2" in _error(["eval", str(tmp_path / "cut")], capsys)
+
+
+def test_pipeline_refuses_save_and_resume(tmp_path, capsys):
+    for option in ("--save", "--resume"):
+        line = _error(["train", *BASE, "--pipeline", option, str(tmp_path / "run")], capsys)
+        assert "--save and --resume are not offered with --pipeline yet" in line
 
 
 def test_resume_refuses_other_data(tmp_path, capsys):

@@ -231,13 +231,13 @@ def prepare(args: argparse.Namespace):
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     config = TrainConfig(**{k: getattr(args, k) for k in names if hasattr(args, k)})
     check_output_options(args)
+    if args.pipeline and (args.save or args.resume):
+        raise UsageError("--save and --resume are not offered with --pipeline yet; drop one of them")
     saved = None
     if args.resume is not None:
         config, saved = resumed_config(args, names)
     with as_usage_error():  # these functions raise ValueError for bad input, naming it
         cfg = config.resolved()
-        if args.pipeline and (args.save or args.resume):
-            raise UsageError("--save and --resume are not offered with --pipeline yet; drop one of them")
         if args.save is not None:
             from .trainer import check_save_folder
 

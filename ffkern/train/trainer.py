@@ -21,7 +21,7 @@ from .._cliargs import layer_indices
 from . import checkpoint, rng
 from .bp import make_bp, train_bp
 from .data import Augment, Dataset, batches, check_data_config, dataset_for, input_abs_max, load_dataset  # noqa: F401
-from .heads import accuracy, class_goodness_logits, goodness_logits, layer_features, linear_head, train_linear_head
+from .heads import accuracy, class_goodness_logits, goodness_logits, layer_features, train_linear_head
 from .conv_models import CONV_MODELS, NORMS, block_channels, check_depth, default_depth
 from .layerwise import LocalLayer, make_local_layers, olu_train_step, run_layers
 from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective
