@@ -477,3 +477,15 @@ def test_the_choice_and_the_load_are_in_the_metrics(tmp_path, monkeypatch, capsy
     assert "the machine is busy (load average 7.50" in capsys.readouterr().out or trainer.TORCH_DEFAULT_THREADS == 1
     m = json.loads(metrics.read_text())
     assert m["threads"]["load_average_1min"] == 7.5 and m["threads"]["threads"] == m["torch_threads"] == 1
+
+
+def test_cpu_runs_reuse_freed_memory_and_say_so(tmp_path, torch_threads):
+    from ffkern import cpu_heap
+
+    metrics = tmp_path / "m.json"
+    assert main(["train", *TINY, "--device", "cpu", "--threads", "1", "--metrics-out", str(metrics)]) == 0
+    m = json.loads(metrics.read_text())
+    assert m["config"]["cpu_heap"] is True
+    assert m["threads"]["cpu_heap_reuse"] is (cpu_heap.unavailable_reason() is None) is cpu_heap.applied()
+    assert main(["train", *TINY, "--device", "cpu", "--threads", "1", "--no-cpu-heap", "--metrics-out", str(metrics)]) == 0
+    assert json.loads(metrics.read_text())["config"]["cpu_heap"] is False  # asked for nothing; an earlier run's setting stays

@@ -151,6 +151,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=_POSITIVE, default=None,
                    help="torch CPU threads (default: the cores other processes leave idle, by the load average, at most"
                         " torch's choice; OMP_NUM_THREADS, when set, is kept)")
+    g.add_argument("--cpu-heap", action=argparse.BooleanOptionalAction, default=True,
+                   help="CPU runs: keep freed memory for reuse, so that large activations are not fresh pages each step"
+                        " (glibc; up to 1.5x faster steps measured; the process keeps its peak memory; default on)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--recipe", choices=recipe_names(), default=None,
                    help="set every option of one seed paper's run (list: ffkern recipes); options after it override it")

@@ -54,7 +54,7 @@ for _model, _d in CONV_DEFAULTS.items():
 SELECT_ENCODER = ("best-valid", "last")
 # Options a resumed run may change (checkpoint): the length of the run, and where the data's files
 # are now; every other option must be the saved run's, or the continuation would be another run.
-RESUME_MAY_CHANGE = ("epochs", "threads", "data_dir")
+RESUME_MAY_CHANGE = ("epochs", "threads", "data_dir", "cpu_heap")
 
 
 @dataclass
@@ -99,6 +99,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile every layer
     backend: str = "auto"  # ffkern loss backend
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    cpu_heap: bool = True  # CPU runs: reuse freed memory (ffkern.cpu_heap; large activations without page faults)
     olu: bool = False  # overlapping local updates (the Trifecta): a block's loss also trains its predecessor
     norm: str = "batch"  # the cnn's block norm: "batch" (BatchNorm2d, the Trifecta's) or "layer" (LayerNorm([C,H,W]))
     class_scale: float = 1.0  # sff: initial value of each block's learned scale of the class goodness
@@ -572,7 +573,13 @@ def apply_device_options(cfg: TrainConfig, device: torch.device, log: Optional[C
     """Checks the options that depend on the device and sets torch's CPU threads (choose_threads);
     returns what the metrics record of the choice."""
     check_device_options(cfg, device)
-    return choose_threads(cfg, device, log)
+    info = choose_threads(cfg, device, log)
+    from .. import cpu_heap
+
+    if cfg.cpu_heap and device.type == "cpu":
+        cpu_heap.reuse_freed_cpu_memory()  # process-wide; does nothing where glibc is absent
+    info["cpu_heap_reuse"] = cpu_heap.applied()  # in effect in this process (an earlier run may have set it)
+    return info
 
 
 # torch's own thread count for this machine (or OMP_NUM_THREADS), before any run changed it
