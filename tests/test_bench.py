@@ -249,3 +249,21 @@ def test_quick_cli_writes_every_report_file(tmp_path, capsys):
         header = next(csv.reader(f))
     assert header[:5] == ["provider", "mode", "dtype", "d", "n"]
     assert "marginal SupCon fwdbwd float32 D=128" in out and "end-to-end" in out
+
+
+def test_e2e_paper_style_side_runs_stock_attention_from_the_same_weights():
+    from ffkern.bench.e2e import E2EConfig, run_e2e, with_stock_attention
+    from ffkern.train import build_encoder
+    from ffkern.train.attention import SelfAttention, StockSelfAttention
+
+    enc = build_encoder("vit", (3, 8, 8), 4, width=16, depth=2, heads=2, patch_size=4)
+    stock = with_stock_attention(enc.layers)
+    assert not any(isinstance(m, StockSelfAttention) for m in enc.layers.modules())
+    assert sum(isinstance(m, StockSelfAttention) for m in stock.modules()) == 2
+    assert not any(isinstance(m, SelfAttention) for m in stock.modules())
+    x = torch.randn(3, 4, 48)
+    torch.testing.assert_close(stock[0](x), enc.layers[0](x), rtol=1e-5, atol=1e-6)
+    r = run_e2e(E2EConfig(batch=8, width=16, heads=2, depth=2, image=8, patch=4, classes=4, steps=1, warmup=0),
+                torch.device("cpu"))
+    assert set(r) >= {"paper_style", "paper_style_ffkern_blocks", "ffkern", "speedup", "speedup_same_blocks"}
+    assert r["first_step_max_abs_diff"] < 1e-4 and r["speedup"] > 0
