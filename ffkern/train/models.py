@@ -26,9 +26,60 @@ class RMSInput(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-8)
 
 
-def mlp_layer(in_dim: int, out_dim: int, normalize_input: bool) -> nn.Sequential:
+class TopKHalves(nn.Module):
+    """SFFA's sparse layer (the authors' code, erikberter/SFFA_CoLLAS, the SFFA layer's forward):
+    after the ReLU, per sample, only the ``k`` largest activations of the first half of the units
+    (positive neurons) and the ``k`` largest of the second half (negative neurons) are kept, the
+    others set to 0. It is part of the layer: the loss, the next layer and prediction all see the
+    sparse output, and the gradient reaches the kept units only (as the authors' scatter of the
+    top-k values does). Ties at the k-th value: torch.topk's pick."""
+
+    def __init__(self, k: int, width: int):
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"sffa_topk must be an int >= 1, got {k!r}")
+        if width % 2 or k > width // 2:
+            raise ValueError(f"sffa_topk={k} keeps k units of each half of a layer; the width {width} must be even with"
+                             f" halves of at least k units")
+        self.k = k
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        half = h.shape[-1] // 2
+        keep = torch.zeros_like(h, dtype=torch.bool)
+        for start in (0, half):
+            idx = h[..., start:start + half].topk(self.k, dim=-1).indices + start
+            keep.scatter_(-1, idx, True)
+        return h * keep
+
+    def extra_repr(self) -> str:
+        return f"k={self.k} per half"
+
+
+def default_sffa_topk(method: str, model: str) -> Optional[int]:
+    """SFFA's top-k (TopKHalves) by default: k = 15 of each half, as the authors' code, for
+    ``--method sffa`` on the MLP (their dense layer); none elsewhere (their conv layer has it
+    switched off, and they have no ViT)."""
+    return SFFA_TOPK if method == "sffa" and model == "mlp" else None
+
+
+SFFA_TOPK = 15
+
+
+def mlp_layer(in_dim: int, out_dim: int, normalize_input: bool, topk: Optional[int] = None) -> nn.Sequential:
     parts = [RMSInput()] if normalize_input else []
-    return nn.Sequential(*parts, nn.Linear(in_dim, out_dim), nn.ReLU())
+    sparse = [TopKHalves(topk, out_dim)] if topk is not None else []
+    return nn.Sequential(*parts, nn.Linear(in_dim, out_dim), nn.ReLU(), *sparse)
+
+
+class TokenL2Norm(nn.Module):
+    """Scales each sample's whole token output [B, T, D] (all T*D values, label token included)
+    to unit L2 length: what the CFF code's FF and SymBa baselines on the ViT hand to the next layer
+    (F.normalize of the flattened output). It starts layers 1.. of an FF-family ViT, so the
+    goodness of a layer is computed on its un-normalized output, and the next layer cannot read
+    that goodness off the length of its input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / x.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
 
 
 class Block(nn.Module):
@@ -105,32 +156,63 @@ class Encoder(nn.Module):
         return self.pool(h)
 
 
+LABEL_ENCODINGS = ("onehot", "pattern")
+LABEL_PATTERN_SIZE, LABEL_PATTERN_P = 100, 0.1  # the SFFA authors' train.py: pattern_size 100, p 0.1
+
+
 class MLPEncoder(Encoder):
-    """MLP[E L]: L layers Linear(E) + ReLU on the flattened input. For the FF family the label is
-    one-hot in the first C input values (scaled like a bright pixel) and every layer first scales
-    its input to unit RMS."""
+    """MLP[E L]: L layers Linear(E) + ReLU on the flattened input. For the FF family every layer
+    first scales its input to unit RMS, and the label is (``label_encoding``)
+    - "onehot": one-hot in the first C input values (scaled like a bright pixel; Hinton's), or
+    - "pattern": a fixed random binary pattern per class (``pattern_size`` values, each 1 with
+      probability ``pattern_p``, drawn once from the seed; times the bright-pixel value) appended
+      after the input, as the SFFA authors' code does (their AppendToEndOverlay); the neutral
+      label appends zeros.
+    ``sffa_topk`` = k adds SFFA's TopKHalves(k) after each layer's ReLU."""
 
     kind = "mlp"
 
     def __init__(self, sample_shape: Sequence[int], num_classes: int, width: int, depth: int, *,
-                 label_input: bool = False, label_scale: float = 1.0, seed: int = 0):
+                 label_input: bool = False, label_scale: float = 1.0, seed: int = 0, sffa_topk: Optional[int] = None,
+                 label_encoding: str = "onehot", pattern_size: int = LABEL_PATTERN_SIZE,
+                 pattern_p: float = LABEL_PATTERN_P):
         super().__init__(num_classes, label_input)
         self.in_dim = 1
         for s in sample_shape:
             self.in_dim *= int(s)
-        if label_input and num_classes > self.in_dim:
+        if label_encoding not in LABEL_ENCODINGS:
+            raise ValueError(f"label_encoding must be one of {list(LABEL_ENCODINGS)}, got {label_encoding!r}")
+        self.label_encoding = label_encoding
+        if label_input and label_encoding == "onehot" and num_classes > self.in_dim:
             raise ValueError(f"the FF label is one-hot in the first {num_classes} input values, but an input has only {self.in_dim}")
         self.label_scale = float(label_scale)
         self.feature_dim = width
+        first_in = self.in_dim
+        if label_input and label_encoding == "pattern":
+            if isinstance(pattern_size, bool) or not isinstance(pattern_size, int) or pattern_size < 1:
+                raise ValueError(f"pattern_size must be an int >= 1, got {pattern_size!r}")
+            if not 0.0 < pattern_p <= 1.0:
+                raise ValueError(f"pattern_p (the probability of a 1 in a label pattern) must be in (0, 1], got {pattern_p!r}")
+            with rng.seeded(seed, rng.LABEL_TOKENS, 1):
+                self.register_buffer("label_patterns", torch.bernoulli(torch.full((num_classes, pattern_size), float(pattern_p))))
+            first_in += pattern_size
         for l in range(depth):
             with rng.seeded(seed, rng.INIT, l):
-                self.layers.append(mlp_layer(self.in_dim if l == 0 else width, width, normalize_input=label_input))
+                self.layers.append(mlp_layer(first_in if l == 0 else width, width, normalize_input=label_input,
+                                             topk=sffa_topk))
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)
 
     def embed_labels(self, inp: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """One-hot label (all zeros for ``labels=None``: the neutral label) in the first C values."""
+        """The label in the input (``labels=None``: the neutral label, all zeros): one-hot in the
+        first C values, or its pattern appended (``label_encoding``)."""
+        if self.label_encoding == "pattern":
+            if labels is None:
+                code = inp.new_zeros(inp.shape[0], self.label_patterns.shape[1])
+            else:
+                code = self.label_patterns[labels].to(inp.dtype) * self.label_scale
+            return torch.cat([inp, code], 1)
         out = inp.clone()
         out[:, :self.num_classes] = 0.0
         if labels is not None:
@@ -144,12 +226,14 @@ class MLPEncoder(Encoder):
 class ViTEncoder(Encoder):
     """ViT[E H L]: layer 0 = patch projection + ReLU + positional embedding + block, layers 1..L-1
     = blocks; pooling = token mean. For the FF family a fixed random label patch is prepended as
-    token 0 (seeded, not learned) and skipped by pooling and the goodness."""
+    token 0 (seeded, not learned) and skipped by pooling and the goodness, and layers 1..L-1 start
+    with TokenL2Norm (``normalize_between``, default: with the label input), as the CFF code's FF
+    baseline normalizes the whole token output between layers."""
 
     kind = "vit"
 
     def __init__(self, sample_shape: Sequence[int], num_classes: int, width: int, depth: int, heads: int,
-                 patch: int, *, label_input: bool = False, seed: int = 0):
+                 patch: int, *, label_input: bool = False, seed: int = 0, normalize_between: Optional[bool] = None):
         super().__init__(num_classes, label_input)
         if len(sample_shape) != 3:
             raise ValueError(f"the ViT needs image inputs [C, H, W], got samples of shape {list(sample_shape)}")
@@ -163,9 +247,15 @@ class ViTEncoder(Encoder):
         num_tokens = (h // patch) * (w // patch) + self.skip_tokens
         with rng.seeded(seed, rng.LABEL_TOKENS):
             self.register_buffer("label_tokens", torch.randn(num_classes, self.patch_dim))
+        self.normalize_between = label_input if normalize_between is None else bool(normalize_between)
         for l in range(depth):
             with rng.seeded(seed, rng.INIT, l):
-                self.layers.append(PatchEmbedBlock(self.patch_dim, width, heads, num_tokens) if l == 0 else Block(width, heads))
+                if l == 0:
+                    self.layers.append(PatchEmbedBlock(self.patch_dim, width, heads, num_tokens))
+                elif self.normalize_between:  # TokenL2Norm has no parameters: the block's weights are the same
+                    self.layers.append(nn.Sequential(TokenL2Norm(), Block(width, heads)))
+                else:
+                    self.layers.append(Block(width, heads))
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return patchify(x, self.patch)
@@ -187,9 +277,22 @@ MODELS = ("mlp", "vit", "cnn", "resnet18", "mobilenetv3")  # the last three: con
 
 def build_encoder(kind: str, sample_shape, num_classes: int, *, width, depth: int, heads: int = 4,
                   patch_size: int = 2, label_input: bool = False, label_scale: float = 1.0, seed: int = 0,
-                  norm: str = "batch") -> Encoder:
+                  norm: str = "batch", sffa_topk: Optional[int] = None, label_encoding: str = "onehot",
+                  normalize_between: Optional[bool] = None) -> Encoder:
     """``width``: units (MLP) or embedding size (ViT), an int; for the conv models a float
-    multiplier of the channel counts. ``norm``: the cnn's block norm, "batch" or "layer"."""
+    multiplier of the channel counts. ``norm``: the cnn's block norm, "batch" or "layer".
+    MLP only: ``sffa_topk`` (SFFA's top-k per half, TopKHalves; default_sffa_topk gives the
+    method's default) and ``label_encoding`` ("onehot" or SFFA's "pattern"). ViT only:
+    ``normalize_between`` (TokenL2Norm between layers; None: with the FF label input)."""
+    if sffa_topk is not None and kind != "mlp":
+        raise ValueError(f"sffa_topk (SFFA's top-k activations per half) is a layer of the MLP, as in the SFFA"
+                         f" authors' dense network (their conv layer has it switched off); model {kind!r} has none")
+    if label_encoding != "onehot" and kind != "mlp":
+        raise ValueError(f"label_encoding={label_encoding!r} is an input of the MLP; model {kind!r} has its own"
+                         f" label input (ViT: a label token; conv models: a learned label channel)")
+    if normalize_between is not None and kind != "vit":
+        raise ValueError(f"normalize_between (the L2 norm of the token output between layers) is an option of the"
+                         f" ViT; model {kind!r} has none")
     if kind in MODELS[2:]:
         from .conv_models import build_conv_encoder  # conv_models imports this module
 
@@ -199,7 +302,9 @@ def build_encoder(kind: str, sample_shape, num_classes: int, *, width, depth: in
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if kind == "mlp":
-        return MLPEncoder(sample_shape, num_classes, width, depth, label_input=label_input, label_scale=label_scale, seed=seed)
+        return MLPEncoder(sample_shape, num_classes, width, depth, label_input=label_input, label_scale=label_scale, seed=seed,
+                          sffa_topk=sffa_topk, label_encoding=label_encoding)
     if kind == "vit":
-        return ViTEncoder(sample_shape, num_classes, width, depth, heads, patch_size, label_input=label_input, seed=seed)
+        return ViTEncoder(sample_shape, num_classes, width, depth, heads, patch_size, label_input=label_input, seed=seed,
+                          normalize_between=normalize_between)
     raise ValueError(f"model must be one of {list(MODELS)}, got {kind!r}")
