@@ -184,8 +184,8 @@ _COLUMNS = (
     ("valid clipped", lambda h, l: h.last(l, "valid_clipped_fraction"), lambda v: _fmt(v, ".3f")),
     ("probe valid", lambda h, l: h.last(l, "probe_valid_accuracy"), _pct),
     ("probe test", lambda h, l: h.last(l, "probe_test_accuracy"), _pct),
-    ("Fisher valid", lambda h, l: _fisher_end(h, l, "valid"), lambda v: _fmt(v, ".3g")),
-    ("Fisher test", lambda h, l: h.last(l, "probe_test_fisher"), lambda v: _fmt(v, ".3g")),
+    ("Fisher valid", lambda h, l: _fisher_end(h, l, "valid"), lambda v: _fmt(v, "#.3g")),
+    ("Fisher test", lambda h, l: h.last(l, "probe_test_fisher"), lambda v: _fmt(v, "#.3g")),
 )
 
 
