@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ffkern.train.methods import GoodnessObjective, LayerBatch, first_batch
-from ffkern.train.models import SFFA_TOPK, TokenL2Norm, TopKHalves, build_encoder, default_sffa_topk
+from ffkern.train.models import (SFFA_TOPK, TokenL2Norm, TopKHalves, build_encoder, default_label_encoding,
+                                 default_sffa_topk)
 
 
 def test_topk_halves_keeps_the_k_largest_of_each_half():
@@ -42,6 +43,8 @@ def test_topk_halves_errors():
 def test_sffa_mlp_layers_are_sparse_and_the_default():
     assert default_sffa_topk("sffa", "mlp") == SFFA_TOPK == 15
     assert all(default_sffa_topk(m, k) is None for m, k in (("sffa", "vit"), ("sffa", "cnn"), ("ff", "mlp"), ("cff", "mlp")))
+    assert default_label_encoding("sffa", "mlp") == "pattern"
+    assert all(default_label_encoding(m, k) == "onehot" for m, k in (("sffa", "vit"), ("ff", "mlp"), ("symba", "mlp")))
     enc = build_encoder("mlp", (1, 8, 8), 10, width=64, depth=3, label_input=True, sffa_topk=15)
     h = enc.embed_labels(enc.prepare(torch.randn(6, 1, 8, 8)), torch.arange(6))
     for layer in enc.layers:

@@ -65,6 +65,13 @@ def default_sffa_topk(method: str, model: str) -> Optional[int]:
 SFFA_TOPK = 15
 
 
+def default_label_encoding(method: str, model: str) -> str:
+    """The MLP's FF label by default: SFFA's appended random patterns for ``--method sffa`` (with
+    its top-k they are the authors' network: 97.9 % mean test accuracy on the digits over seeds
+    0-2 against 96.7 % for the one-hot label without top-k, README), the one-hot label otherwise."""
+    return "pattern" if method == "sffa" and model == "mlp" else "onehot"
+
+
 def mlp_layer(in_dim: int, out_dim: int, normalize_input: bool, topk: Optional[int] = None) -> nn.Sequential:
     parts = [RMSInput()] if normalize_input else []
     sparse = [TopKHalves(topk, out_dim)] if topk is not None else []
