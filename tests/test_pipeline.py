@@ -145,7 +145,7 @@ def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
     results = world_results(world, dataset_path)
     pipe = results[0]["runs"][name]
     assert all(r["runs"][name] is None for r in results[1:]), "only rank 0 returns the metrics"
-    cfg = config(**RUNS[world][name])
+    cfg = config(**RUNS[world][name], probe=False)  # the pipeline computes no probe (and says so)
     data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
     seq = train(cfg, progress=False, log=lambda s: None, data=data)
     assert_same_run(pipe, seq)
@@ -189,7 +189,7 @@ def test_refused_on_every_rank(world, dataset_path):
 
 def test_single_process_pipeline(dataset_path, one_thread):
     """Without torchrun, --pipeline runs as a pipeline of one process (no network)."""
-    cfg = config(method="sffa", width=24, layers=2)
+    cfg = config(method="sffa", width=24, layers=2, probe=False)  # the pipeline computes no probe
     data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
     pipe = train_pipeline(cfg, progress=False, log=lambda s: None, data=data)
     seq = train(cfg, progress=False, log=lambda s: None, data=data)
@@ -213,7 +213,8 @@ def test_torchrun_end_to_end(dataset_path, tmp_path, one_thread):
     assert pipe["pipeline"]["world_size"] == 2 and pipe["pipeline"]["layers_per_rank"] == [[0, 1], [2]]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # torchrun sets OMP_NUM_THREADS=1 in its workers; the sequential run gets one thread too.
-    cfg = config(dataset=dataset_path, width=24, layers=3, lr=0.003)
+    assert "not computed in the pipeline" in proc.stdout and pipe["config"]["probe"] is False
+    cfg = config(dataset=dataset_path, width=24, layers=3, lr=0.003, probe=False)
     seq = json.loads(json.dumps(train(cfg, progress=False, log=lambda s: None,
                                       data=load_npz(dataset_path, cfg.seed, cfg.valid_fraction))))
     seq["config"]["threads"] = pipe["config"]["threads"]  # --threads was not given to torchrun's command

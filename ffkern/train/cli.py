@@ -112,6 +112,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="give this fraction of the training labels a uniformly random other class (seeded; default 0)")
     g.add_argument("--train-fraction", type=real(0.0, 1.0, low_open=True), default=1.0, metavar="F",
                    help="train on a seeded stratified fraction F of the training split (default 1)")
+    g.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="per layer: the Fisher criterion of the pooled validation features every epoch (CFF Fig. 5) and,"
+                        " at the end, a linear probe's valid/test accuracy (metrics and table; default on)")
     g.add_argument("--topk", type=_POSITIVE, default=None, metavar="K",
                    help="also report the top-K test accuracy (metrics: test_topK_accuracy)")
     g = p.add_argument_group("losses")

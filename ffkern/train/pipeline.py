@@ -271,6 +271,10 @@ def train_pipeline(config: TrainConfig = TrainConfig(), *, progress: bool = True
     this; rank 0 returns the metrics dict (the sequential run's, plus a "pipeline" entry), the
     others return None."""
     cfg = config.resolved()
+    if cfg.probe:  # each rank holds some layers only: the per-layer probe and Fisher need them all
+        log("ffkern train --pipeline: the per-layer probe and Fisher criterion are not computed in the pipeline"
+            " (--no-probe is implied)")
+        cfg = dataclasses.replace(cfg, probe=False)
     t0 = time.perf_counter()
     if group is None:  # with a group, _run checks against its size
         check_pipeline(cfg, world_size_from_env())

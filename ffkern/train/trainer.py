@@ -54,7 +54,7 @@ for _model, _d in CONV_DEFAULTS.items():
 SELECT_ENCODER = ("best-valid", "last")
 # Options a resumed run may change (checkpoint): the length of the run, and where the data's files
 # are now; every other option must be the saved run's, or the continuation would be another run.
-RESUME_MAY_CHANGE = ("epochs", "threads", "data_dir", "cpu_heap")
+RESUME_MAY_CHANGE = ("epochs", "threads", "data_dir", "cpu_heap", "probe")
 
 
 @dataclass
@@ -100,6 +100,7 @@ class TrainConfig:
     backend: str = "auto"  # ffkern loss backend
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     cpu_heap: bool = True  # CPU runs: reuse freed memory (ffkern.cpu_heap; large activations without page faults)
+    probe: bool = True  # per layer: the validation Fisher criterion each epoch, a linear probe at the end (probe.py)
     olu: bool = False  # overlapping local updates (the Trifecta): a block's loss also trains its predecessor
     norm: str = "batch"  # the cnn's block norm: "batch" (BatchNorm2d, the Trifecta's) or "layer" (LayerNorm([C,H,W]))
     class_scale: float = 1.0  # sff: initial value of each block's learned scale of the class goodness
@@ -411,6 +412,13 @@ def train(config: TrainConfig = TrainConfig(), *, progress: bool = True, log: Ca
     selection = run.selector.select()
     result = predict_all(cfg, encoder, run, data, autocast_dtype)
     head = result.pop("_head", None)
+    if cfg.probe:  # of the selected encoder, as prediction uses it
+        from .probe import probe_encoder
+
+        # no validation split: empty features of the right width (the probe keeps its last epoch)
+        feats = None if len(data.y_valid) else {"valid": [f[:0] for f in layer_features(encoder, data.x_train[:1])]}
+        probes = probe_encoder(encoder, data, seed=cfg.seed, autocast_dtype=autocast_dtype, features=feats)
+        run.history.set_probe(probes if len(probes) == len(run.history.names) else probes[-1:])  # bp: one entry
 
     metrics = run_metrics(cfg, data, encoder, augment, run.history, result, backend_name, device, t0, log)
     metrics["warnings"] = notes
@@ -672,6 +680,12 @@ def stage1(cfg: TrainConfig, encoder, layers, data: Dataset, augment: Augment, h
             _, stats = run_layers(layers, batch, train=False)
             for l, st in enumerate(stats):
                 history.add("valid", l, st)
+        if cfg.probe and len(data.y_valid):
+            from .probe import layer_fisher
+
+            # CFF Fig. 5: class separation of each layer's pooled clean validation features, per epoch
+            history.add_fisher(layer_fisher(encoder, data.x_valid, data.y_valid,
+                                            autocast_dtype=torch.bfloat16 if cfg.bf16 else None))
         history.end_epoch()
         warn_nonfinite(history, epoch, warned, log)
         if end_of_epoch is not None:
