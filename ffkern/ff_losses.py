@@ -50,6 +50,20 @@ def symba_loss(h_pos, h_neg, *, alpha: float = 4.0, kind: str = "mean", skip_tok
     return _pair("symba", h_pos, h_neg, alpha, kind, skip_tokens, backend)
 
 
-def sffa_loss(h_pos, h_neg, *, kind: str = "mean", skip_tokens: int = 0, backend: str = "auto"):
-    """SFFA loss: -mean of log q(h+) and log(1 - q(h-)), q the share of the first half's energy."""
-    return _pair("sffa", h_pos, h_neg, None, kind, skip_tokens, backend)
+def sffa_loss(h_pos, h_neg, *, kind: str = "mean", skip_tokens: int = 0, activity_term: bool = False,
+              backend: str = "auto"):
+    """SFFA loss: -mean of log q(h+) and log(1 - q(h-)), q the share of the first half's energy.
+
+    ``activity_term=True``: times A = 1 + exp(-10 (mean(h+) + mean(h-))), as the SFFA authors'
+    code does (SPEC 2); off by default (the plain loss of the paper's text)."""
+    if not isinstance(activity_term, bool):
+        raise TypeError(f"activity_term must be a bool, got {type(activity_term).__name__}")
+    loss = _pair("sffa", h_pos, h_neg, None, kind, skip_tokens, backend)
+    if not activity_term:
+        return loss
+    # The means are one more sum over h, taken by PyTorch next to the backend's kernels (not fused:
+    # one extra read of h forward, one extra write-add backward); the product is the same on every
+    # backend, in the loss's dtype.
+    from .reference import sffa_activity
+
+    return loss * sffa_activity(h_pos, h_neg, int(skip_tokens)).to(loss.dtype)

@@ -150,13 +150,29 @@ def sffa_q(h: torch.Tensor, skip_tokens: int = 0) -> torch.Tensor:
     return torch.clamp(q, SFFA_EPS, 1.0 - SFFA_EPS)
 
 
-def sffa_loss(h_pos, h_neg, kind: str = "mean", skip_tokens: int = 0):
-    """SFFA (Terres-Escudero et al. 2024): -mean over the 2B values of log q(h+) and log(1 - q(h-)).
+SFFA_ACTIVITY_RATE = 10.0  # the constant of the authors' activity term (SPEC 2)
+
+
+def sffa_activity(h_pos, h_neg, skip_tokens: int = 0) -> torch.Tensor:
+    """A = 1 + exp(-10 (mean(h+) + mean(h-))), the means over every entry that enters the loss
+    (all B*D values, or B*(T - skip)*D for tokens: the mean of the token means). Differentiated,
+    not detached, as in the SFFA authors' code (SPEC 2)."""
+    def mean(h):
+        h = h.to(compute_dtype(h.dtype))
+        return (h[:, skip_tokens:, :] if h.dim() == 3 else h).mean()
+
+    return 1.0 + torch.exp(-SFFA_ACTIVITY_RATE * (mean(h_pos) + mean(h_neg)))
+
+
+def sffa_loss(h_pos, h_neg, kind: str = "mean", skip_tokens: int = 0, activity_term: bool = False):
+    """SFFA (Terres-Escudero et al. 2024): -mean over the 2B values of log q(h+) and log(1 - q(h-)),
+    times sffa_activity(h_pos, h_neg) when ``activity_term`` (the authors' code, SPEC 2).
 
     ``kind`` does not change q (both halves have D/2 units); it is accepted for a uniform signature.
     """
     q_pos, q_neg = sffa_q(h_pos, skip_tokens), sffa_q(h_neg, skip_tokens)
-    return -torch.cat([q_pos.log(), (1.0 - q_neg).log()]).mean()
+    loss = -torch.cat([q_pos.log(), (1.0 - q_neg).log()]).mean()
+    return loss * sffa_activity(h_pos, h_neg, skip_tokens) if activity_term else loss
 
 
 # ---------------------------------------------------------------- per-class goodness (SPEC 2.2)

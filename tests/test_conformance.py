@@ -277,3 +277,87 @@ def test_modules_match_functions():
     assert ffkern.SymBaLoss(alpha=2.0)(x1, x2).item() == ffkern.symba_loss(x1, x2, alpha=2.0).item()
     h1, h2 = torch.randn(4, 3, 6, generator=gen), torch.randn(4, 3, 6, generator=gen)
     assert ffkern.SFFALoss(skip_tokens=1)(h1, h2).item() == ffkern.sffa_loss(h1, h2, skip_tokens=1).item()
+
+
+# ---------------------------------------------------------------- SFFA's activity term (SPEC 2)
+
+def authors_sffa(h_pos, h_neg):
+    """SFFA as its authors' code writes it for [B, D] (erikberter/SFFA_CoLLAS, ff_mod/loss/loss.py,
+    ProbabilityBCELoss with use_normalization, and the ratio goodness of ff_network.py), in float64."""
+    def q(x):
+        mid = x.shape[1] // 2
+        return torch.clamp(x[:, :mid].pow(2).sum(1) / x.pow(2).sum(1), 1e-4, 1 - 1e-4)
+
+    loss_1 = -torch.log(torch.cat([q(h_pos), 1 - q(h_neg)])).mean()
+    return loss_1 * (1 + torch.exp(-10 * (h_pos.mean() + h_neg.mean())))
+
+
+def test_sffa_activity_is_the_authors_formula():
+    gen = torch.Generator().manual_seed(21)
+    h_pos = torch.rand(9, 12, generator=gen, dtype=torch.float64) * 0.2  # ReLU-like: A well above 1
+    h_neg = torch.rand(9, 12, generator=gen, dtype=torch.float64) * 0.2
+    ours = ffkern.sffa_loss(h_pos, h_neg, activity_term=True, backend="reference")
+    assert ours.item() == pytest.approx(authors_sffa(h_pos, h_neg).item(), rel=1e-12)
+    plain = ffkern.sffa_loss(h_pos, h_neg, backend="reference")
+    assert ours.item() > 1.1 * plain.item()  # the term is really there
+    with pytest.raises(TypeError, match="activity_term"):
+        ffkern.sffa_loss(h_pos, h_neg, activity_term=1)
+
+
+SFFA_ACTIVITY_SHAPES = [(7, 130), (5, 4, 6), (3, 1, 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SFFA_ACTIVITY_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_sffa_activity_matches_reference(backend, device, shape, dtype):
+    gen = torch.Generator().manual_seed(12)
+    skip = 1 if len(shape) == 3 and shape[1] > 1 else 0
+    leaves = [(torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.3 - 0.05).to(dtype) for _ in range(2)]
+    ours = [t.to(device, copy=True).requires_grad_() for t in leaves]
+    ref = [t.to(torch.float64, copy=True).requires_grad_() for t in leaves]
+    expected = ffkern.sffa_loss(*ref, skip_tokens=skip, activity_term=True, backend="reference")
+    got = ffkern.sffa_loss(*ours, skip_tokens=skip, activity_term=True, backend=backend)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(got, expected, dtype, "sffa activity value")
+    expected.backward()
+    got.backward()
+    for a, b in zip(ours, ref):
+        assert a.grad.dtype == dtype
+        assert_close(a.grad, b.grad, dtype, "sffa activity grad")
+        if skip:
+            assert not a.grad[:, :skip].any()  # skipped tokens enter neither q nor the means
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_sffa_activity_gradcheck_float64(backend, device):
+    gen = torch.Generator().manual_seed(6)
+    h_pos = (torch.rand(4, 3, 6, generator=gen, dtype=torch.float64) * 0.3).to(device).requires_grad_()
+    h_neg = (torch.rand(4, 3, 6, generator=gen, dtype=torch.float64) * 0.3).to(device).requires_grad_()
+    fn = lambda a, b: ffkern.sffa_loss(a, b, skip_tokens=1, activity_term=True, backend=backend)
+    assert torch.autograd.gradcheck(fn, (h_pos, h_neg), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_sffa_activity_on_channels_last_maps(backend, device):
+    """A conv map [B, C, H, W] enters SFFA as channel tokens [B, H*W, C] (SPEC 2.1), a view in
+    either layout; the means of the activity term are over all B*C*H*W values, as the authors'
+    conv code takes them."""
+    gen = torch.Generator().manual_seed(13)
+    maps = [torch.rand(3, 6, 4, 5, generator=gen, dtype=torch.float64) * 0.3 for _ in range(2)]
+    expected = None
+    for layout in (torch.contiguous_format, torch.channels_last):
+        hs = [m.to(device, copy=True).contiguous(memory_format=layout).detach().requires_grad_() for m in maps]
+        loss = ffkern.sffa_loss(*[ffkern.channel_tokens(h) for h in hs], activity_term=True, backend=backend)
+        loss.backward()
+        if expected is None:
+            ref = [m.clone().requires_grad_() for m in maps]
+            expected = ffkern.sffa_loss(*[ffkern.channel_tokens(h) for h in ref], activity_term=True, backend="reference")
+            expected.backward()
+            a_ref = 1 + torch.exp(-10 * (maps[0].mean() + maps[1].mean()))
+            assert expected.item() == pytest.approx(
+                ffkern.sffa_loss(*[ffkern.channel_tokens(m) for m in maps], backend="reference").item() * a_ref.item(),
+                rel=1e-12)
+        assert_close(loss, expected, torch.float64, f"{layout} value")
+        for h, r in zip(hs, ref):
+            assert_close(h.grad, r.grad, torch.float64, f"{layout} grad")
