@@ -489,3 +489,23 @@ def test_cpu_runs_reuse_freed_memory_and_say_so(tmp_path, torch_threads):
     assert m["threads"]["cpu_heap_reuse"] is (cpu_heap.unavailable_reason() is None) is cpu_heap.applied()
     assert main(["train", *TINY, "--device", "cpu", "--threads", "1", "--no-cpu-heap", "--metrics-out", str(metrics)]) == 0
     assert json.loads(metrics.read_text())["config"]["cpu_heap"] is False  # asked for nothing; an earlier run's setting stays
+
+
+@pytest.mark.parametrize("args,flag", [(["--method", "sffa", "--model", "vit", "--sffa-topk", "5"], "--sffa-topk"),
+                                       (["--method", "cff", "--ff-label", "pattern"], "--ff-label"),
+                                       (["--method", "cff", "--model", "vit", "--vit-l2"], "--vit-l2")])
+def test_seed_code_options_are_refused_where_they_do_not_apply(args, flag, capsys):
+    assert main(["train", *args, "--epochs", "1", "--no-progress"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_sffa_on_the_mlp_defaults_to_its_authors_layer_and_labels():
+    from ffkern.train.data import load_dataset
+    from ffkern.train.models import TopKHalves
+    from ffkern.train.trainer import TrainConfig, build_model
+
+    data = load_dataset("digits", 0)
+    enc = build_model(TrainConfig(method="sffa", width=40, layers=2).resolved(), data)
+    assert [m.k for m in enc.modules() if isinstance(m, TopKHalves)] == [15, 15] and enc.label_encoding == "pattern"
+    enc = build_model(TrainConfig(method="sffa", width=40, layers=2, sffa_topk=0, ff_label="onehot").resolved(), data)
+    assert not any(isinstance(m, TopKHalves) for m in enc.modules()) and enc.label_encoding == "onehot"

@@ -142,6 +142,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="--ff-predict goodness: the layers whose goodness is summed (sff: whose class goodness is"
                         " averaged): all (default), last (the Trifecta's and the CFF code's), first, an index (-1), a"
                         " slice (1:, :-1) or a list (0,2)")
+    g.add_argument("--sffa-topk", type=_COUNT, default=None, metavar="K",
+                   help="sffa on the MLP: keep the K largest activations of each half of a layer after the ReLU"
+                        " (default 15, as the authors' code; 0: off)")
+    g.add_argument("--ff-label", choices=("onehot", "pattern"), default=None,
+                   help="the MLP's FF label: one-hot in the first inputs, or SFFA's fixed random binary patterns appended"
+                        " to the input (default: pattern for sffa, onehot otherwise)")
+    g.add_argument("--vit-l2", action=argparse.BooleanOptionalAction, default=None,
+                   help="FF family on the ViT: L2-normalize the whole token output between layers, as the CFF code's"
+                        " FF baseline (default on)")
     g.add_argument("--backend", default="auto", help="ffkern loss backend: auto (default), reference, triton or cpp")
     g = p.add_argument_group("speed")
     g.add_argument("--pipeline", action="store_true",

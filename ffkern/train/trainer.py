@@ -26,7 +26,7 @@ from .conv_models import CONV_MODELS, NORMS, block_channels, check_depth, defaul
 from .layerwise import LocalLayer, make_local_layers, olu_train_step, run_layers
 from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective
 from .metrics import History, format_table
-from .models import MODELS, Encoder, build_encoder
+from .models import MODELS, Encoder, build_encoder, default_label_encoding, default_sffa_topk
 from .schedules import SCHEDULES, margin_schedule
 
 # Defaults per (method, model) that make the plain command the good run on the bundled digits
@@ -100,6 +100,9 @@ class TrainConfig:
     backend: str = "auto"  # ffkern loss backend
     threads: Optional[int] = None  # torch CPU threads (None: torch's default)
     cpu_heap: bool = True  # CPU runs: reuse freed memory (ffkern.cpu_heap; large activations without page faults)
+    sffa_topk: Optional[int] = None  # SFFA MLP: keep the k largest of each half (None: 15 for sffa on the MLP; 0: off)
+    ff_label: Optional[str] = None  # MLP FF label: "onehot" or "pattern" (None: pattern for sffa, else onehot)
+    vit_l2: Optional[bool] = None  # FF family on the ViT: L2-normalize the token output between layers (None: on)
     probe: bool = True  # per layer: the validation Fisher criterion each epoch, a linear probe at the end (probe.py)
     olu: bool = False  # overlapping local updates (the Trifecta): a block's loss also trains its predecessor
     norm: str = "batch"  # the cnn's block norm: "batch" (BatchNorm2d, the Trifecta's) or "layer" (LayerNorm([C,H,W]))
@@ -119,6 +122,20 @@ class TrainConfig:
         if self.method == "sff" and self.model not in CONV_MODELS:
             raise ValueError(f"method 'sff' (the per-class conv loss) needs a conv model: --model {', '.join(CONV_MODELS)};"
                              f" got {self.model!r}")
+        if self.sffa_topk and (self.method != "sffa" or self.model != "mlp"):
+            raise ValueError(f"sffa_topk (--sffa-topk) is SFFA's layer on the MLP (the authors have it nowhere else);"
+                             f" got method {self.method!r}, model {self.model!r}")
+        if self.sffa_topk is not None and (isinstance(self.sffa_topk, bool) or not isinstance(self.sffa_topk, int)
+                                           or self.sffa_topk < 0):
+            raise ValueError(f"sffa_topk (--sffa-topk) must be an int >= 0 (0: off), got {self.sffa_topk!r}")
+        if self.ff_label is not None:
+            check_choice("ff_label", self.ff_label, ("onehot", "pattern"))
+            if self.method not in FF_FAMILY or self.model != "mlp":
+                raise ValueError(f"ff_label (--ff-label) chooses the FF family's label input on the MLP; got method"
+                                 f" {self.method!r}, model {self.model!r}")
+        if self.vit_l2 is not None and (self.method not in FF_FAMILY or self.model != "vit"):
+            raise ValueError(f"vit_l2 (--vit-l2 / --no-vit-l2) is the FF family's hand-over between ViT layers; got"
+                             f" method {self.method!r}, model {self.model!r}")
         filled = dataclasses.replace(self, **{k: v for k, v in DEFAULTS[(self.method, self.model)].items() if getattr(self, k) is None})
         conv = filled.model in CONV_MODELS
         if conv:
@@ -301,7 +318,11 @@ def build_model(cfg: TrainConfig, data: Dataset) -> Encoder:
     label_scale = input_abs_max(data.x_train) if cfg.method in FF_FAMILY else 1.0  # FF's label: a bright "pixel"
     encoder = build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.layers,
                             heads=cfg.heads, patch_size=patch, label_input=cfg.method in FF_FAMILY,
-                            label_scale=label_scale, seed=cfg.seed, norm=cfg.norm)
+                            label_scale=label_scale, seed=cfg.seed, norm=cfg.norm,
+                            sffa_topk=default_sffa_topk(cfg.method, cfg.model) if cfg.sffa_topk is None else (cfg.sffa_topk or None),
+                            label_encoding=(cfg.ff_label or default_label_encoding(cfg.method, cfg.model))
+                            if cfg.model == "mlp" else "onehot",
+                            normalize_between=cfg.vit_l2 if cfg.model == "vit" else None)
     if cfg.channels_last:
         encoder.set_channels_last()
     return encoder.to(data.x_train.device)
