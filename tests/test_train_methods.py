@@ -143,3 +143,18 @@ def test_pipeline_stage_builders():
     b = list(epoch_inputs(cfg, build_model(cfg, data), data, build_augment(cfg, data), epoch=1))
     assert len(a) == 3 and all(torch.equal(u.h, v.h) and torch.equal(u.labels, v.labels) for u, v in zip(a, b))
     assert torch.equal(build_model(cfg, data).layers[2][0].weight, enc.layers[2][0].weight)
+
+
+def test_sffa_objective_applies_the_authors_activity_factor_where_asked():
+    from ffkern import sffa_loss
+    from ffkern.train.methods import GoodnessObjective, LayerBatch, default_sffa_activity
+
+    assert default_sffa_activity("sffa", "mlp") and default_sffa_activity("sffa", "cnn")
+    assert not default_sffa_activity("sffa", "vit") and not default_sffa_activity("ff", "mlp")
+    out = torch.relu(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+    batch = LayerBatch(out, torch.zeros(4, dtype=torch.long), 1)
+    on, off = GoodnessObjective("sffa", sffa_activity=True), GoodnessObjective("sffa")
+    h_pos, h_neg = out.chunk(2)
+    torch.testing.assert_close(on(out, batch)[0], sffa_loss(h_pos, h_neg, activity_term=True))
+    torch.testing.assert_close(off(out, batch)[0], sffa_loss(h_pos, h_neg))
+    assert not torch.allclose(on(out, batch)[0], off(out, batch)[0])

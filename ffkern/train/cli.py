@@ -148,6 +148,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--ff-label", choices=("onehot", "pattern"), default=None,
                    help="the MLP's FF label: one-hot in the first inputs, or SFFA's fixed random binary patterns appended"
                         " to the input (default: pattern for sffa, onehot otherwise)")
+    g.add_argument("--sffa-activity", action=argparse.BooleanOptionalAction, default=None,
+                   help="sffa: multiply the loss by the authors' activity factor 1 + exp(-10 (mean h+ + mean h-))"
+                        " (default on for mlp, cnn, resnet18, whose layers end in a ReLU; off for the others)")
     g.add_argument("--vit-l2", action=argparse.BooleanOptionalAction, default=None,
                    help="FF family on the ViT: L2-normalize the whole token output between layers, as the CFF code's"
                         " FF baseline (default on)")

@@ -90,10 +90,12 @@ class ContrastiveObjective:
 class GoodnessObjective:
     """FF / SymBa / SFFA loss of the positive half against the negative half of the output."""
 
-    def __init__(self, method: str, skip_tokens: int = 0, threshold: float = 2.0, alpha: float = 4.0, backend: str = "auto"):
+    def __init__(self, method: str, skip_tokens: int = 0, threshold: float = 2.0, alpha: float = 4.0, backend: str = "auto",
+                 sffa_activity: bool = False):
         if method not in FF_FAMILY:
             raise ValueError(f"method must be one of {list(FF_FAMILY)} for a goodness objective, got {method!r}")
         self.method, self.skip_tokens, self.threshold, self.alpha, self.backend = method, skip_tokens, threshold, alpha, backend
+        self.sffa_activity = bool(sffa_activity)  # sffa: SFFA's activity factor (ffkern.sffa_loss activity_term)
 
     def __call__(self, out: torch.Tensor, batch: LayerBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         h_pos, h_neg = goodness_input(self.method, out).chunk(2)
@@ -102,10 +104,20 @@ class GoodnessObjective:
             return ff_loss(h_pos, h_neg, threshold=self.threshold, **opts), None
         if self.method == "symba":
             return symba_loss(h_pos, h_neg, alpha=self.alpha, **opts), None
-        return sffa_loss(h_pos, h_neg, **opts), None
+        return sffa_loss(h_pos, h_neg, activity_term=self.sffa_activity, **opts), None
 
     def __repr__(self) -> str:
-        return f"{self.method}_loss"
+        return f"{self.method}_loss" + (" x activity" if self.method == "sffa" and self.sffa_activity else "")
+
+
+# SFFA's activity factor 1 + exp(-10 (mean h+ + mean h-)) stays in (1, 2] for the non-negative
+# outputs its authors use (ReLU): on by default for the models whose layers end in a ReLU. A ViT
+# block's output (a residual stream) can have a negative mean, where the factor overflows.
+SFFA_ACTIVITY_MODELS = ("mlp", "cnn", "resnet18")
+
+
+def default_sffa_activity(method: str, model: str) -> bool:
+    return method == "sffa" and model in SFFA_ACTIVITY_MODELS
 
 
 def layer_score(method: str, h: torch.Tensor, skip_tokens: int = 0, backend: str = "auto") -> torch.Tensor:
@@ -164,7 +176,7 @@ def first_batch(method: str, encoder: Encoder, x: torch.Tensor, y: torch.Tensor,
 
 def make_objective(method: str, encoder: Encoder, margin: float, *, temperature: float = 0.15,
                    threshold: float = 2.0, alpha: float = 4.0, backend: str = "auto", layer: int = 0, seed: int = 0,
-                   class_scale: float = 1.0):
+                   class_scale: float = 1.0, sffa_activity: bool = False):
     """The loss of layer ``layer``; for sff a module with parameters (its 1x1 conv, built under
     the layer's own seeded stream, on the encoder's device)."""
     if method == "sff":
@@ -177,4 +189,4 @@ def make_objective(method: str, encoder: Encoder, margin: float, *, temperature:
             return PerClassObjective(channels[layer], encoder.num_classes, scale=class_scale, backend=backend).to(device)
     if method == "cff":
         return ContrastiveObjective(margin, temperature, backend)
-    return GoodnessObjective(method, encoder.skip_tokens, threshold, alpha, backend)
+    return GoodnessObjective(method, encoder.skip_tokens, threshold, alpha, backend, sffa_activity=sffa_activity)

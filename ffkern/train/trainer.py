@@ -24,7 +24,7 @@ from .data import Augment, Dataset, batches, check_data_config, dataset_for, inp
 from .heads import accuracy, class_goodness_logits, goodness_logits, layer_features, train_linear_head
 from .conv_models import CONV_MODELS, NORMS, block_channels, check_depth, default_depth
 from .layerwise import LocalLayer, make_local_layers, olu_train_step, run_layers
-from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective
+from .methods import FF_FAMILY, METHODS, LayerBatch, first_batch, make_objective, default_sffa_activity
 from .metrics import History, format_table
 from .models import MODELS, Encoder, build_encoder, default_label_encoding, default_sffa_topk
 from .schedules import SCHEDULES, margin_schedule
@@ -102,6 +102,7 @@ class TrainConfig:
     cpu_heap: bool = True  # CPU runs: reuse freed memory (ffkern.cpu_heap; large activations without page faults)
     sffa_topk: Optional[int] = None  # SFFA MLP: keep the k largest of each half (None: 15 for sffa on the MLP; 0: off)
     ff_label: Optional[str] = None  # MLP FF label: "onehot" or "pattern" (None: pattern for sffa, else onehot)
+    sffa_activity: Optional[bool] = None  # sffa: the authors' activity factor (None: on where layers end in a ReLU)
     vit_l2: Optional[bool] = None  # FF family on the ViT: L2-normalize the token output between layers (None: on)
     probe: bool = True  # per layer: the validation Fisher criterion each epoch, a linear probe at the end (probe.py)
     olu: bool = False  # overlapping local updates (the Trifecta): a block's loss also trains its predecessor
@@ -133,6 +134,8 @@ class TrainConfig:
             if self.method not in FF_FAMILY or self.model != "mlp":
                 raise ValueError(f"ff_label (--ff-label) chooses the FF family's label input on the MLP; got method"
                                  f" {self.method!r}, model {self.model!r}")
+        if self.sffa_activity and self.method != "sffa":
+            raise ValueError(f"sffa_activity (--sffa-activity) is SFFA's loss factor; got method {self.method!r}")
         if self.vit_l2 is not None and (self.method not in FF_FAMILY or self.model != "vit"):
             raise ValueError(f"vit_l2 (--vit-l2 / --no-vit-l2) is the FF family's hand-over between ViT layers; got"
                              f" method {self.method!r}, model {self.model!r}")
@@ -186,6 +189,9 @@ class TrainConfig:
                              f" {filled.model!r} has none")
         if filled.norm != "batch" and filled.model != "cnn":
             raise ValueError(f"norm={filled.norm!r} (--norm) chooses the cnn's block norm; model {filled.model!r} has its own")
+        if filled.sffa_topk and (filled.width % 2 or filled.sffa_topk > filled.width // 2):
+            raise ValueError(f"sffa_topk (--sffa-topk) {filled.sffa_topk} keeps that many units of each half of a layer:"
+                             f" the width (--width) {filled.width} must be even with halves of at least that many")
         if filled.model == "vit" and filled.width % filled.heads:  # attention splits E into H equal heads
             raise ValueError(f"width (--width) E={filled.width} must be divisible by heads (--heads) H={filled.heads} for the ViT")
         return check_data_config(filled)  # data, augmentation and protocol options (data.py)
@@ -311,6 +317,13 @@ def default_patch(sample_shape) -> int:
     return max(1, sample_shape[-1] // 4)
 
 
+def default_topk(cfg: TrainConfig) -> Optional[int]:
+    """SFFA's top-k per half by default (15 for sffa on the MLP), where the layer's halves are
+    larger than k (a narrower layer would keep every unit: no top-k then)."""
+    k = default_sffa_topk(cfg.method, cfg.model)
+    return k if k is not None and cfg.width % 2 == 0 and cfg.width // 2 > k else None
+
+
 def build_model(cfg: TrainConfig, data: Dataset) -> Encoder:
     """The encoder of a (resolved) config, on the data's device. Deterministic in cfg.seed, layer by
     layer (rng.INIT streams), so every process of a pipeline can build it and keep its own layers."""
@@ -319,7 +332,7 @@ def build_model(cfg: TrainConfig, data: Dataset) -> Encoder:
     encoder = build_encoder(cfg.model, data.sample_shape, data.num_classes, width=cfg.width, depth=cfg.layers,
                             heads=cfg.heads, patch_size=patch, label_input=cfg.method in FF_FAMILY,
                             label_scale=label_scale, seed=cfg.seed, norm=cfg.norm,
-                            sffa_topk=default_sffa_topk(cfg.method, cfg.model) if cfg.sffa_topk is None else (cfg.sffa_topk or None),
+                            sffa_topk=default_topk(cfg) if cfg.sffa_topk is None else (cfg.sffa_topk or None),
                             label_encoding=(cfg.ff_label or default_label_encoding(cfg.method, cfg.model))
                             if cfg.model == "mlp" else "onehot",
                             normalize_between=cfg.vit_l2 if cfg.model == "vit" else None)
@@ -354,7 +367,9 @@ def build_local_layers(cfg: TrainConfig, encoder: Encoder, indices: Optional[Seq
     margins = layer_margins(cfg)
     objectives = [make_objective(cfg.method, encoder, margins[l], temperature=cfg.temperature, threshold=cfg.threshold,
                                  alpha=cfg.alpha, backend=cfg.backend, layer=l, seed=cfg.seed,
-                                 class_scale=cfg.class_scale) for l in indices]
+                                 class_scale=cfg.class_scale,
+                                 sffa_activity=default_sffa_activity(cfg.method, cfg.model) if cfg.sffa_activity is None
+                                 else cfg.sffa_activity) for l in indices]
     return make_local_layers([encoder.layers[l] for l in indices], objectives, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              first_index=indices[0], autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
                              compile=cfg.compile, olu=cfg.olu)
