@@ -226,6 +226,34 @@ def _double_backward(backend: str, namespace: str):
     return backward
 
 
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-row statistics and of dW / dbias: float64 for float64 input, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def register_fakes(namespace: str) -> None:
+    """Fake implementations (output shapes and dtypes only, for torch.compile) of a backend's
+    {namespace}::class_goodness, per_class_loss and per_class_backward; both fused backends get
+    the weight as [K, C]. Registered as from the calling module (_stacklevel=2), which the cpp
+    schemas name in m.set_python_module."""
+
+    def class_goodness_fake(h, weight, bias):
+        return h.new_empty((h.shape[0], weight.shape[0]), dtype=stat_dtype(h.dtype))
+
+    def per_class_loss_fake(h, weight, labels, bias, scale, reduction):
+        st = stat_dtype(h.dtype)
+        loss = h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=st)
+        return loss, h.new_empty((h.shape[0], weight.shape[0]), dtype=st)
+
+    def per_class_backward_fake(h, weight, bias, coef):
+        st = stat_dtype(h.dtype)
+        return grad_like(h), h.new_empty((weight.shape[0], weight.shape[1]), dtype=st), h.new_empty((weight.shape[0],), dtype=st)
+
+    for name, fake in (("class_goodness", class_goodness_fake), ("per_class_loss", per_class_loss_fake),
+                       ("per_class_backward", per_class_backward_fake)):
+        torch.library.register_fake(f"{namespace}::{name}", fake, _stacklevel=2)
+
+
 class PerClassAutograd:
     """Autograd of one fused backend's per-class operators: first-order reverse mode; double
     backward, forward mode and torch.func.grad raise naming ffkern, the backend and the function

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ffkern.per_class import PerClassAutograd, grad_like, map_strides, reduce_losses
+from ffkern.per_class import PerClassAutograd, grad_like, map_strides, reduce_losses, register_fakes, stat_dtype
 
 from ._launch import dot_precision, is_interpreter, launch
 
@@ -299,29 +299,7 @@ _autograd = PerClassAutograd("triton", NAMESPACE, torch.ops.ffkern_triton)  # ke
 _autograd.register_all()
 
 
-# ---- fake implementations: output shapes and dtypes only ----------------------------------------------
-
-
-def _stat(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@torch.library.register_fake(f"{NAMESPACE}::class_goodness")
-def _class_goodness_fake(h, weight, bias):
-    return h.new_empty((h.shape[0], weight.shape[0]), dtype=_stat(h.dtype))
-
-
-@torch.library.register_fake(f"{NAMESPACE}::per_class_loss")
-def _per_class_loss_fake(h, weight, labels, bias, scale, reduction):
-    st = _stat(h.dtype)
-    loss = h.new_empty((h.shape[0],) if reduction == "none" else (), dtype=st)
-    return loss, h.new_empty((h.shape[0], weight.shape[0]), dtype=st)
-
-
-@torch.library.register_fake(f"{NAMESPACE}::per_class_backward")
-def _per_class_backward_fake(h, weight, bias, coef):
-    st = _stat(h.dtype)
-    return grad_like(h), h.new_empty(tuple(weight.shape), dtype=st), h.new_empty((weight.shape[0],), dtype=st)
+register_fakes(NAMESPACE)  # output shapes and dtypes only (ffkern.per_class), for torch.compile
 
 
 # ---- what the launchers launch on a GPU (the ahead-of-time compile check, tests/triton_compile_check.py)
@@ -351,8 +329,8 @@ def aot_launch_cases():
                     w = torch.zeros(classes, channels, dtype=dtype)
                     bias = torch.zeros(classes, dtype=dtype)
                     labels = torch.zeros(batch, dtype=torch.int64)
-                    scale = torch.ones((), dtype=_stat(dtype))
-                    coef = torch.zeros(batch, classes, dtype=_stat(dtype))
+                    scale = torch.ones((), dtype=stat_dtype(dtype))
+                    coef = torch.zeros(batch, classes, dtype=stat_dtype(dtype))
                     with record_launches() as launches:
                         forward(h, w, bias, labels, scale)
                         backward(h, w, bias, coef)
