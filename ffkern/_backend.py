@@ -12,7 +12,8 @@ A backend is an object with:
       -> dL/dzr [n, D] float32/64 by the symmetric pair term of SPEC 1.3 (reference.supcon_backward)
   The two primitives take normalized rows; the distributed loss is built on them.
   goodness(h, kind, skip_tokens) -> [B]
-  pair_loss(loss, h_pos, h_neg, param, kind, skip_tokens) -> scalar, loss in ("ff", "symba", "sffa")
+  pair_loss(loss, h_pos, h_neg, param, kind, skip_tokens, activity_term) -> scalar, loss in ("ff", "symba", "sffa");
+    activity_term (sffa only): times SFFA's activity factor A (SPEC 2)
 Backends are imported lazily: importing ffkern imports neither triton nor a compiled extension.
 """
 from __future__ import annotations

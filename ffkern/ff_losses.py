@@ -30,12 +30,12 @@ def check_alpha(alpha) -> float:
     return check_number("alpha", alpha, low=0.0, low_open=True)
 
 
-def _pair(loss, h_pos, h_neg, param, kind, skip_tokens, backend):
+def _pair(loss, h_pos, h_neg, param, kind, skip_tokens, backend, activity_term=False):
     check_pair(h_pos, h_neg, skip_tokens)
     check_choice("kind", kind, GOODNESS_KINDS)
     if loss == "sffa" and h_pos.shape[-1] % 2:
         raise ValueError(f"sffa_loss splits the D units into two halves: D must be even, got D={h_pos.shape[-1]}")
-    return resolve(backend, h_pos.device).pair_loss(loss, h_pos, h_neg, param, kind, int(skip_tokens))
+    return resolve(backend, h_pos.device).pair_loss(loss, h_pos, h_neg, param, kind, int(skip_tokens), activity_term)
 
 
 def ff_loss(h_pos, h_neg, *, threshold: float = 2.0, kind: str = "mean", skip_tokens: int = 0, backend: str = "auto"):
@@ -58,12 +58,4 @@ def sffa_loss(h_pos, h_neg, *, kind: str = "mean", skip_tokens: int = 0, activit
     code does (SPEC 2); off by default (the plain loss of the paper's text)."""
     if not isinstance(activity_term, bool):
         raise TypeError(f"activity_term must be a bool, got {type(activity_term).__name__}")
-    loss = _pair("sffa", h_pos, h_neg, None, kind, skip_tokens, backend)
-    if not activity_term:
-        return loss
-    # The means are one more sum over h, taken by PyTorch next to the backend's kernels (not fused:
-    # one extra read of h forward, one extra write-add backward); the product is the same on every
-    # backend, in the loss's dtype.
-    from .reference import sffa_activity
-
-    return loss * sffa_activity(h_pos, h_neg, int(skip_tokens)).to(loss.dtype)
+    return _pair("sffa", h_pos, h_neg, None, kind, skip_tokens, backend, activity_term)
