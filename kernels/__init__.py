@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ffkern.per_class import kernel_scale
-from ffkern.reference import row_scale, with_sffa_activity
+from ffkern.reference import row_scale
 
 from . import _ops, marginal_supcon, per_class_goodness  # noqa: F401 (registers the operators)
 from ._launch import unavailable_reason
@@ -47,9 +47,9 @@ class TritonBackend:
         return _OPS.goodness(h, kind, int(skip_tokens))
 
     def pair_loss(self, loss, h_pos, h_neg, param, kind, skip_tokens, activity_term=False):
+        """SFFA's activity factor (activity_term) is fused into the kernels (kernels/ff_goodness.py)."""
         param = 0.0 if param is None else float(param)  # sffa has no parameter
-        value = _OPS.pair_loss(h_pos, h_neg, loss, param, kind, int(skip_tokens))[0]
-        return with_sffa_activity(value, h_pos, h_neg, int(skip_tokens)) if activity_term else value
+        return _OPS.pair_loss(h_pos, h_neg, loss, param, kind, int(skip_tokens), bool(activity_term))[0]
 
     def class_goodness(self, h, weight, bias):
         return _OPS.class_goodness(h, weight.reshape(weight.shape[0], -1), bias)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ffkern import reference
 from ffkern._op_autograd import OperatorAutograd
 from ffkern._supcon_function import backward_coefficients
 
@@ -28,11 +29,13 @@ _SCHEMAS = {
                             " Tensor b, float temperature, float margin) -> Tensor",
     "goodness": "goodness(Tensor h, str kind, int skip_tokens) -> Tensor",
     "goodness_backward": "goodness_backward(Tensor grad, Tensor h, str kind, int skip_tokens) -> Tensor",
-    # outputs: the loss and the per-sample coefficients its backward needs ([4, B])
-    "pair_loss": "pair_loss(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens)"
-                 " -> (Tensor, Tensor)",
-    "pair_loss_backward": "pair_loss_backward(Tensor grad, Tensor h_pos, Tensor h_neg, Tensor coef, str loss,"
-                          " str kind, int skip_tokens) -> (Tensor, Tensor)",
+    # outputs: the loss, the per-sample coefficients its backward needs ([4, B]; [6, B] with SFFA's
+    # activity factor) and, with it, (L_S, A) ([2]; empty without it)
+    "pair_loss": "pair_loss(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens,"
+                 " bool activity) -> (Tensor, Tensor, Tensor)",
+    # activity: pair_loss's (L_S, A), None for the plain loss
+    "pair_loss_backward": "pair_loss_backward(Tensor grad, Tensor h_pos, Tensor h_neg, Tensor coef, Tensor? activity,"
+                          " str loss, str kind, int skip_tokens) -> (Tensor, Tensor)",
 }
 
 
@@ -74,18 +77,44 @@ def _goodness_backward(grad, h, kind, skip_tokens):
     return FG.backward(h, c, c, one, skip_tokens, h.shape[-1])
 
 
+def _kept_count(h, skip_tokens: int) -> int:
+    """The number of entries the loss reads: B*D, or B*(T - skip)*D for tokens [B, T, D]."""
+    return h.shape[0] * h.shape[-1] * (h.shape[1] - skip_tokens if h.dim() == 3 else 1)
+
+
 @_impl("pair_loss")
-def _pair_loss(h_pos, h_neg, loss, param, kind, skip_tokens):
-    terms, coef, _split, _ = FG.forward(FG.LOSS_IDS[loss], h_pos, h_neg, param, kind, skip_tokens)
-    return terms.sum() * _pair_norm(loss, terms.shape[0]), coef
+def _pair_loss(h_pos, h_neg, loss, param, kind, skip_tokens, activity):
+    if activity and loss != "sffa":
+        raise ValueError(f"activity: only the sffa loss has the activity factor, got loss={loss!r}")
+    terms, coef, _split, _ = FG.forward(FG.LOSS_IDS[loss], h_pos, h_neg, param, kind, skip_tokens, activity)
+    plain = terms.sum() * _pair_norm(loss, terms.shape[0])
+    if not activity:
+        return plain, coef, plain.new_empty(0)
+    # mu = sum_b (sum_d hbar_bd) / (B D): the mean of the B T' D kept entries (hbar is their token mean)
+    rate = reference.SFFA_ACTIVITY_RATE
+    mean_sum = coef[4].sum() / (h_pos.shape[0] * h_pos.shape[-1]) + coef[5].sum() / (h_neg.shape[0] * h_neg.shape[-1])
+    factor = 1.0 + torch.exp(-rate * mean_sum)
+    return plain * factor, coef, torch.stack([plain, factor])
 
 
 @_impl("pair_loss_backward")
-def _pair_loss_backward(grad, h_pos, h_neg, coef, loss, kind, skip_tokens):
+def _pair_loss_backward(grad, h_pos, h_neg, coef, activity, loss, kind, skip_tokens):
     split = FG.split_of(FG.LOSS_IDS[loss], h_pos.shape[-1])
     scale = (grad.to(coef.dtype) * _pair_norm(loss, h_pos.shape[0])).reshape(1)
-    return (FG.backward(h_pos, coef[0], coef[1], scale, skip_tokens, split),
-            FG.backward(h_neg, coef[2], coef[3], scale, skip_tokens, split))
+    if activity is None:
+        return (FG.backward(h_pos, coef[0], coef[1], scale, skip_tokens, split),
+                FG.backward(h_neg, coef[2], coef[3], scale, skip_tokens, split))
+    # L = L_S A: dL/dh = A dL_S/dh + L_S dA/dmu dmu/dh, dA/dmu = -rate (A - 1), dmu/dh = 1/count
+    # on every kept entry: the kernels take [A scale, shift] and add the shift in the same store
+    plain, factor = activity[0], activity[1]
+    common = grad.to(coef.dtype) * plain * (-reference.SFFA_ACTIVITY_RATE) * (factor - 1.0)
+    scaled = scale * factor
+
+    def scales(h):
+        return torch.cat([scaled, (common / _kept_count(h, skip_tokens)).reshape(1)])
+
+    return (FG.backward(h_pos, coef[0], coef[1], scales(h_pos), skip_tokens, split, activity=True),
+            FG.backward(h_neg, coef[2], coef[3], scales(h_neg), skip_tokens, split, activity=True))
 
 
 # ---- fake implementations: output shapes and dtypes only ------------------------------------------
@@ -118,13 +147,14 @@ def _goodness_backward_fake(grad, h, kind, skip_tokens):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::pair_loss")
-def _pair_loss_fake(h_pos, h_neg, loss, param, kind, skip_tokens):
+def _pair_loss_fake(h_pos, h_neg, loss, param, kind, skip_tokens, activity):
     st = _stat(h_pos.dtype)
-    return h_pos.new_empty((), dtype=st), h_pos.new_empty((4, h_pos.shape[0]), dtype=st)
+    return (h_pos.new_empty((), dtype=st), h_pos.new_empty((6 if activity else 4, h_pos.shape[0]), dtype=st),
+            h_pos.new_empty(2 if activity else 0, dtype=st))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::pair_loss_backward")
-def _pair_loss_backward_fake(grad, h_pos, h_neg, coef, loss, kind, skip_tokens):
+def _pair_loss_backward_fake(grad, h_pos, h_neg, coef, activity, loss, kind, skip_tokens):
     return (torch.empty_like(h_pos, memory_format=torch.contiguous_format),
             torch.empty_like(h_neg, memory_format=torch.contiguous_format))
 
@@ -174,15 +204,17 @@ _autograd.register("goodness", _goodness_grad, setup_context=_goodness_setup)
 
 
 def _pair_loss_setup(ctx, inputs, output):
-    h_pos, h_neg, loss, _param, kind, skip_tokens = inputs
-    ctx.save_for_backward(h_pos, h_neg, output[1])
+    h_pos, h_neg, loss, _param, kind, skip_tokens, activity = inputs
+    ctx.save_for_backward(h_pos, h_neg, output[1], output[2])
     ctx.options = (loss, kind, skip_tokens)
+    ctx.activity = activity
 
 
-def _pair_loss_grad(ctx, grad, _grad_coef):
-    h_pos, h_neg, coef = ctx.saved_tensors
-    d_pos, d_neg = torch.ops.ffkern_triton.pair_loss_backward(grad, h_pos, h_neg, coef, *ctx.options)
-    return d_pos, d_neg, None, None, None, None
+def _pair_loss_grad(ctx, grad, _grad_coef, _grad_activity):
+    h_pos, h_neg, coef, stats = ctx.saved_tensors
+    d_pos, d_neg = torch.ops.ffkern_triton.pair_loss_backward(grad, h_pos, h_neg, coef,
+                                                              stats if ctx.activity else None, *ctx.options)
+    return d_pos, d_neg, None, None, None, None, None
 
 
 _autograd.register("pair_loss", _pair_loss_grad, setup_context=_pair_loss_setup)

@@ -8,6 +8,12 @@ D otherwise), then the loss term of the sample and the coefficients c1, c2 of it
 Backward reads the activations once more to rebuild hbar and writes
         dL/dh_{b,t,d} = scale * c_b(d) * hbar_{b,d} / T'   (t >= skip; 0 for skipped tokens),
 T' = T - skip, scale = upstream gradient times the loss's 1/(2B) or 1/B.
+SFFA's activity factor A = 1 + exp(-10 (mu+ + mu-)) (SPEC 2), fused when ACTIVITY is set (a
+constexpr: the plain losses compile without it): forward also writes each sample's sum over d of
+hbar for h+ and h- (rows 4 and 5 of the coefficients; mu = their sum over B / (B D), the mean of
+all B T' D entries), from the hbar it already holds; backward adds a constant shift to every kept
+element in the same store, dL/dh = A * (the plain gradient) + shift, the host folding A into
+scale and computing shift = grad L_S (-10) (A - 1) / (B T' D) (_ops.py).
 Scalars (1/T', goodness scale, theta or alpha, the SFFA clamp) come from a small tensor in the
 accumulation dtype, so float64 kernels get float64 constants (a Python float is fp32 on a GPU).
 """
@@ -38,18 +44,22 @@ def _token_mean(H, rows, d, mask, T, skip, stride_b, stride_t, inv_count,
 
 @triton.jit
 def _energies(H, rows, rmask, T, dim, skip, stride_b, stride_t, inv_count, split,
-              ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+              SUMS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """e1, e2 [BLOCK_B] and, when SUMS, total = sum_d hbar_d (zeros otherwise: SFFA's activity)."""
     e1 = tl.zeros([BLOCK_B], ACC)
     e2 = tl.zeros([BLOCK_B], ACC)
+    total = tl.zeros([BLOCK_B], ACC)
     dk = tl.arange(0, BLOCK_D)
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + dk
         mask = rmask[:, None] & (d[None, :] < dim)
-        sq = _token_mean(H, rows, d, mask, T, skip, stride_b, stride_t, inv_count, ACC, BLOCK_B, BLOCK_D)
-        sq = sq * sq
+        hbar = _token_mean(H, rows, d, mask, T, skip, stride_b, stride_t, inv_count, ACC, BLOCK_B, BLOCK_D)
+        sq = hbar * hbar
         e1 += tl.sum(tl.where(d[None, :] < split, sq, 0.0), 1)
         e2 += tl.sum(tl.where(d[None, :] < split, 0.0, sq), 1)
-    return e1, e2
+        if SUMS:  # masked entries are 0: the sum is over the D features only
+            total += tl.sum(hbar, 1)
+    return e1, e2, total
 
 
 @triton.jit
@@ -91,15 +101,18 @@ def _sffa_term(e1, e2, NEGATIVE: tl.constexpr, eps):
 
 @triton.jit
 def _ff_fwd_kernel(HP, HN, OUT, COEF, CONSTS, B, T, dim, skip, stride_pb, stride_pt, stride_nb, stride_nt, split,
-                   LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                   LOSS: tl.constexpr, ACTIVITY: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
     inv_count, gscale, param, eps = tl.load(CONSTS), tl.load(CONSTS + 1), tl.load(CONSTS + 2), tl.load(CONSTS + 3)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
-    p1, p2 = _energies(HP, rows, rmask, T, dim, skip, stride_pb, stride_pt, inv_count, split, ACC, BLOCK_B, BLOCK_D)
+    p1, p2, sum_p = _energies(HP, rows, rmask, T, dim, skip, stride_pb, stride_pt, inv_count, split, ACTIVITY, ACC,
+                              BLOCK_B, BLOCK_D)
     if LOSS == 0:  # goodness only: g = gscale * sum_d hbar_d^2
         tl.store(OUT + rows, (p1 + p2) * gscale, mask=rmask)
     else:
-        n1, n2 = _energies(HN, rows, rmask, T, dim, skip, stride_nb, stride_nt, inv_count, split, ACC, BLOCK_B, BLOCK_D)
+        n1, n2, sum_n = _energies(HN, rows, rmask, T, dim, skip, stride_nb, stride_nt, inv_count, split, ACTIVITY, ACC,
+                                  BLOCK_B, BLOCK_D)
         g_pos = (p1 + p2) * gscale
         g_neg = (n1 + n2) * gscale
         if LOSS == 1:  # FF: softplus(theta - g+) + softplus(g- - theta)
@@ -124,23 +137,30 @@ def _ff_fwd_kernel(HP, HN, OUT, COEF, CONSTS, B, T, dim, skip, stride_pb, stride
         tl.store(COEF + B + rows, c_p2, mask=rmask)
         tl.store(COEF + 2 * B + rows, c_n1, mask=rmask)
         tl.store(COEF + 3 * B + rows, c_n2, mask=rmask)
+        if ACTIVITY:
+            tl.store(COEF + 4 * B + rows, sum_p, mask=rmask)
+            tl.store(COEF + 5 * B + rows, sum_n, mask=rmask)
 
 
 @triton.jit
 def _ff_bwd_kernel(H, DH, C1, C2, SCALE, CONSTS, B, T, dim, skip, stride_b, stride_t, stride_db, stride_dt,
-                   split, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+                   split, ACTIVITY: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     inv_count = tl.load(CONSTS)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B
     scale = tl.load(SCALE).to(ACC) * inv_count
     c1 = tl.load(C1 + rows, mask=rmask, other=0.0) * scale
     c2 = tl.load(C2 + rows, mask=rmask, other=0.0) * scale
+    if ACTIVITY:  # SCALE = [A * the plain scale, shift]: the activity factor's constant (kept tokens only)
+        shift = tl.load(SCALE + 1).to(ACC)
     dk = tl.arange(0, BLOCK_D)
     for d0 in range(0, dim, BLOCK_D):
         d = d0 + dk
         mask = rmask[:, None] & (d[None, :] < dim)
         hbar = _token_mean(H, rows, d, mask, T, skip, stride_b, stride_t, inv_count, ACC, BLOCK_B, BLOCK_D)
         grad = tl.where(d[None, :] < split, c1[:, None], c2[:, None]) * hbar  # (scale already holds 1/T')
+        if ACTIVITY:
+            grad += shift
         for t in range(0, T):
             value = tl.where(t >= skip, grad, 0.0)
             tl.store(DH + rows[:, None] * stride_db + t * stride_dt + d[None, :], value.to(DH.dtype.element_ty), mask=mask)
@@ -177,24 +197,31 @@ def split_of(loss_id: int, dim: int) -> int:
     return dim // 2 if loss_id == SFFA else dim
 
 
-def forward(loss_id, h_pos, h_neg, param, kind, skip):
+def forward(loss_id, h_pos, h_neg, param, kind, skip, activity=False):
+    """(terms [B], coef, split, gscale); coef [4, B] (c_p1, c_p2, c_n1, c_n2), and with ``activity``
+    (SFFA only) [6, B]: rows 4, 5 each sample's sum over d of hbar+ and hbar- (SFFA's activity)."""
+    if activity and loss_id != SFFA:
+        raise ValueError(f"activity: only the sffa loss has the activity factor, got loss id {loss_id}")
     hp = _as_btd(h_pos)
     hn = _as_btd(h_neg) if h_neg is not None else hp
     batch, tokens, dim = hp.shape
     acc, out_dtype = _acc_dtypes(hp.dtype)
     out = torch.empty(batch, dtype=out_dtype, device=hp.device)
-    coef = torch.empty((4, batch) if loss_id != GOODNESS else (1,), dtype=out_dtype, device=hp.device)
+    coef = torch.empty((6 if activity else 4, batch) if loss_id != GOODNESS else (1,), dtype=out_dtype,
+                       device=hp.device)
     split = split_of(loss_id, dim)
     gscale = goodness_scale(kind, dim)
     block_b, block_d = _blocks(dim, hp.dtype)
     consts = _consts(1.0 / (tokens - skip), gscale, 0.0 if param is None else float(param), out_dtype, hp.device)
     launch(_ff_fwd_kernel, (triton.cdiv(batch, block_b),),
            hp, hn, out, coef, consts, batch, tokens, dim, skip, hp.stride(0), hp.stride(1), hn.stride(0), hn.stride(1),
-           split, LOSS=loss_id, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
+           split, LOSS=loss_id, ACTIVITY=bool(activity), ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
     return out, coef, split, gscale
 
 
-def backward(h, c1, c2, scale, skip, split):
+def backward(h, c1, c2, scale, skip, split, activity=False):
+    """dL/dh; scale [1] (the plain scale), or with ``activity`` [2]: (A times it, the shift added to
+    every kept element)."""
     h3 = _as_btd(h)
     batch, tokens, dim = h3.shape
     dh = torch.empty(h3.shape, dtype=h.dtype, device=h.device)
@@ -203,5 +230,5 @@ def backward(h, c1, c2, scale, skip, split):
     consts = _consts(1.0 / (tokens - skip), 1.0, 0.0, acc_torch, h.device)
     launch(_ff_bwd_kernel, (triton.cdiv(batch, block_b),),
            h3, dh, c1, c2, scale, consts, batch, tokens, dim, skip, h3.stride(0), h3.stride(1), dh.stride(0),
-           dh.stride(1), split, ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
+           dh.stride(1), split, ACTIVITY=bool(activity), ACC=acc, BLOCK_B=block_b, BLOCK_D=block_d)
     return dh.view(h.shape)
