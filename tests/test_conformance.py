@@ -329,13 +329,162 @@ def test_sffa_activity_matches_reference(backend, device, shape, dtype):
             assert not a.grad[:, :skip].any()  # skipped tokens enter neither q nor the means
 
 
+# shape, skip_tokens, offset of the values (rand * 0.3 - offset): A from ~1.4 to ~e^6
+SFFA_ACTIVITY_GRADCHECK = [((4, 3, 6), 1, 0.0), ((5, 6), 0, 0.1), ((3, 4, 8), 2, 0.3), ((1, 6), 0, 0.0),
+                           ((1, 2, 4), 1, 0.2)]
+
+
+@pytest.mark.parametrize("shape,skip,offset", SFFA_ACTIVITY_GRADCHECK,
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 @pytest.mark.parametrize("backend,device", BACKEND_CASES)
-def test_sffa_activity_gradcheck_float64(backend, device):
+def test_sffa_activity_gradcheck_float64(backend, device, shape, skip, offset):
+    """Both terms of dL/dh = A dL_S/dh + L_S dA/dh (A differentiated, not detached), [B, D] and
+    tokens [B, T, D] with skipped tokens, B = 1 included."""
     gen = torch.Generator().manual_seed(6)
-    h_pos = (torch.rand(4, 3, 6, generator=gen, dtype=torch.float64) * 0.3).to(device).requires_grad_()
-    h_neg = (torch.rand(4, 3, 6, generator=gen, dtype=torch.float64) * 0.3).to(device).requires_grad_()
+    h_pos, h_neg = [(torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.3 - offset).to(device).requires_grad_()
+                    for _ in range(2)]
+    fn = lambda a, b: ffkern.sffa_loss(a, b, skip_tokens=skip, activity_term=True, backend=backend)
+    assert torch.autograd.gradcheck(fn, (h_pos, h_neg), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _activity_case(backend, device, h_pos, h_neg, dtype, skip=0, what="sffa activity"):
+    """Value and gradients of sffa_loss(activity_term=True) on the backend (in dtype) against the
+    float64 reference on the same values; returns the backend's (loss, grad+, grad-)."""
+    leaves = [h.to(dtype) for h in (h_pos, h_neg)]
+    ours = [t.to(device, copy=True).requires_grad_() for t in leaves]
+    ref = [t.to(torch.float64, copy=True).requires_grad_() for t in leaves]
+    expected = ffkern.sffa_loss(*ref, skip_tokens=skip, activity_term=True, backend="reference")
+    got = ffkern.sffa_loss(*ours, skip_tokens=skip, activity_term=True, backend=backend)
+    assert_close(got, expected, dtype, f"{what} value")
+    expected.backward()
+    got.backward()
+    for a, b in zip(ours, ref):
+        assert_close(a.grad, b.grad, dtype, f"{what} grad")
+    return got, ours[0].grad, ours[1].grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_sffa_activity_all_zero_sample(backend, device, dtype):
+    """An all-zero sample passes no gradient through q (q = 1/2), but the activity factor's share,
+    L_S dA/dh, reaches every kept entry, that sample's included (its values enter the means)."""
+    gen = torch.Generator().manual_seed(14)
+    h_pos, h_neg = [torch.rand(4, 3, 6, generator=gen, dtype=torch.float64) * 0.3 for _ in range(2)]
+    h_pos[1] = 0.0
+    h_neg[2] = 0.0
+    got, g_pos, g_neg = _activity_case(backend, device, h_pos, h_neg, dtype, skip=1, what="all-zero sample")
+    assert torch.isfinite(got) and torch.isfinite(g_pos).all() and torch.isfinite(g_neg).all()
+    # the shift alone: the same value on every kept entry of the dead sample, none on the skipped token
+    assert not g_pos[1, 0].any() and (g_pos[1, 1:] != 0).all()
+    assert torch.allclose(g_pos[1, 1:], g_pos[1, 1, 0].expand(2, 6), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.float64, 1.0), (torch.float32, 3.0), (torch.float64, 30.0)],
+                         ids=["float64-A~e^17", "float32-A~e^57", "float64-A~e^597"])
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_sffa_activity_large_negative_means(backend, device, dtype, offset):
+    """mu+ + mu- well below 0 (e.g. pre-activations, or a layer whose units mostly go negative):
+    A = 1 + exp(-10 (mu+ + mu-)) is huge but finite, and the value and both gradient terms keep
+    their relative accuracy (the shift term L_S (-10)(A - 1)/count grows with A too)."""
+    gen = torch.Generator().manual_seed(15)
+    h_pos, h_neg = [torch.rand(5, 2, 8, generator=gen, dtype=torch.float64) * 0.3 - offset for _ in range(2)]
+    got, _, _ = _activity_case(backend, device, h_pos, h_neg, dtype, skip=1, what=f"offset {offset}")
+    assert torch.isfinite(got) and got.item() > 1e6
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_sffa_activity_single_sample(backend, device):
+    gen = torch.Generator().manual_seed(16)
+    for shape, skip in (((1, 10), 0), ((1, 3, 4), 2)):
+        h_pos, h_neg = [torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.3 - 0.05 for _ in range(2)]
+        _activity_case(backend, device, h_pos, h_neg, torch.float32, skip=skip, what=f"B=1 {shape}")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_CASES)
+def test_sffa_activity_non_finite_gives_nan(backend, device):
+    """NaN in, NaN out: a NaN activation makes its mean, so A and the loss, NaN (never finite)."""
+    h_pos = torch.rand(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(17))
+    h_pos[1, 2] = float("nan")
+    loss = ffkern.sffa_loss(h_pos.to(device), h_pos.to(device) * 0.5, activity_term=True, backend=backend)
+    assert math.isnan(loss.item())
+
+
+def test_sffa_activity_is_fused_in_the_triton_kernels(monkeypatch):
+    """The triton backend takes A from its kernels' pass (no with_sffa_activity, no extra read of h
+    in PyTorch): the composing helpers raise here, and the launchers are asked for the fused
+    variant, forward once and backward once per input."""
+    triton_case = next(c for c in BACKEND_CASES if c.values == ("triton", "cpu"))
+    if triton_case.marks:
+        pytest.skip(triton_case.marks[0].kwargs["reason"])
+    from ffkern import reference
+    from ffkern.kernels import ff_goodness as FG
+
+    gen = torch.Generator().manual_seed(18)
+    h_pos, h_neg = [torch.rand(4, 3, 6, generator=gen, dtype=torch.float64) * 0.3 for _ in range(2)]
+    ref = [h.clone().requires_grad_() for h in (h_pos, h_neg)]
+    expected = ffkern.sffa_loss(*ref, skip_tokens=1, activity_term=True, backend="reference")
+    expected.backward()
+
+    def composed(*args, **kwargs):
+        raise AssertionError("the triton backend composed the activity factor in PyTorch")
+
+    calls = []
+
+    def recorded(fn, name):
+        def wrapper(*args, **kwargs):
+            calls.append((name, kwargs.get("activity", args[6] if len(args) > 6 else False)))
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(reference, "with_sffa_activity", composed)
+    monkeypatch.setattr(reference, "sffa_activity", composed)
+    monkeypatch.setattr(FG, "forward", recorded(FG.forward, "forward"))
+    monkeypatch.setattr(FG, "backward", recorded(FG.backward, "backward"))
+    ours = [h.clone().requires_grad_() for h in (h_pos, h_neg)]
+    got = ffkern.sffa_loss(*ours, skip_tokens=1, activity_term=True, backend="triton")
+    got.backward()
+    assert calls == [("forward", True), ("backward", True), ("backward", True)]
+    assert_close(got, expected, torch.float64, "fused value")
+    for a, b in zip(ours, ref):
+        assert_close(a.grad, b.grad, torch.float64, "fused grad")
+    calls.clear()
+    ffkern.sffa_loss(*ours, skip_tokens=1, backend="triton").backward()  # the plain loss: the plain variant
+    assert calls == [("forward", False), ("backward", False), ("backward", False)]
+
+
+COMPILED_CASES = [c for c in BACKEND_CASES if c.values[0] != "reference"]
+
+
+@pytest.mark.parametrize("backend,device", COMPILED_CASES)
+def test_sffa_activity_modes(backend, device):
+    """With the activity factor the operators keep every mode the plain loss has: a
+    torch.compile(fullgraph=True) trace (opaque operators, fake impls) that matches eager, the
+    float32 loss under CPU autocast, and the clear refusals of double backward and forward AD."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(19)
+    h_pos, h_neg = [(torch.rand(4, 3, 6, generator=gen) * 0.3).to(device) for _ in range(2)]
     fn = lambda a, b: ffkern.sffa_loss(a, b, skip_tokens=1, activity_term=True, backend=backend)
-    assert torch.autograd.gradcheck(fn, (h_pos, h_neg), eps=1e-6, atol=1e-7)
+    eager_in = [h.clone().requires_grad_() for h in (h_pos, h_neg)]
+    eager = fn(*eager_in)
+    eager_grads = torch.autograd.grad(eager, eager_in)
+    torch._dynamo.reset()
+    compiled_in = [h.clone().requires_grad_() for h in (h_pos, h_neg)]
+    compiled = torch.compile(fn, fullgraph=True)(*compiled_in)
+    for got, want in zip((compiled, *torch.autograd.grad(compiled, compiled_in)), (eager, *eager_grads)):
+        assert_close(got, want, torch.float32, "compiled against eager")
+    if device == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = fn(h_pos, h_neg)
+        assert mixed.dtype == torch.float32
+        torch.testing.assert_close(mixed, eager.detach(), rtol=1e-5, atol=1e-6)
+    leaf = h_pos.double().requires_grad_()
+    (g,) = torch.autograd.grad(fn(leaf, h_neg.double()), leaf, create_graph=True)
+    with pytest.raises(RuntimeError, match=rf"ffkern: backend '{backend}' does not support double backward"):
+        g.square().sum().backward()
+    with pytest.raises(RuntimeError, match=rf"ffkern: backend '{backend}' does not support forward-mode AD"):
+        with fwAD.dual_level():
+            fn(fwAD.make_dual(h_pos, torch.ones_like(h_pos)), h_neg)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_CASES)
