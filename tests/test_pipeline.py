@@ -1,6 +1,8 @@
 """The layer pipeline (ffkern.train.pipeline) against the sequential trainer: same seed, same
 per-layer loss history (train and valid losses, clipped fractions), same head and test accuracy,
-bit for bit on CPU/gloo.
+bit for bit on CPU/gloo, for the MLP, the ViT and the conv models (BatchNorm's running statistics,
+the learned label channel and sff's per-class 1x1 convs are trained on one rank and must reach
+rank 0 for the prediction).
 
 Each world (2 and 3 gloo processes, loopback only, one CPU thread each) is started once: this file
 run as a script is the worker; it trains every run of its world as a pipeline and saves rank 0's
@@ -29,7 +31,10 @@ from spawn_world import spawn_world, worker_env
 WORKER_TIMEOUT_S = 240
 TINY = dict(epochs=2, batch_size=64, head_epochs=2, backend="reference", device="cpu", threads=1)
 # Per world: the runs it trains as a pipeline (name -> TrainConfig fields). Layer splits:
-# depth 3 on 2 ranks [[0, 1], [2]]; depth 3 on 3 ranks one each; depth 4 on 3 ranks [[0, 1], [2], [3]].
+# depth 3 on 2 ranks [[0, 1], [2]]; depth 3 on 3 ranks one each; depth 4 on 3 ranks [[0, 1], [2], [3]];
+# the cnn (6 blocks) on 2 ranks [[0, 1, 2], [3, 4, 5]], on 3 ranks two each; resnet18 (8) on 2 ranks 4 each.
+# Conv models at 1/16 of their channels: 8x8 maps of 8 to 32 channels, a fraction of a second per run.
+CONV = dict(width=0.0625, lr=1e-2)
 RUNS = {
     2: {
         "cff-mlp": dict(method="cff", model="mlp", width=24, layers=3, lr=3e-3),
@@ -38,10 +43,19 @@ RUNS = {
         # then, else the head (trained on all layers but the first) learns other numbers
         "symba-selects-early": dict(method="symba", model="mlp", width=24, layers=3, lr=0.1, epochs=4, batch_size=8,
                                     ff_predict="head"),
+        # the defaults of the cnn: BatchNorm over the positives and negatives together, the label map in block 0
+        "symba-cnn": dict(method="symba", model="cnn", **CONV),
+        "cff-cnn": dict(method="cff", model="cnn", **CONV),
+        # sff predicts with the objectives' 1x1 convs and scales, half of them trained on rank 1; the
+        # selection goes back to epoch 2 of 4, objectives included
+        "sff-resnet18-selects-early": dict(method="sff", model="resnet18", **dict(CONV, lr=0.02), epochs=4,
+                                           batch_size=32),
     },
     3: {
         "cff-vit-oneview": dict(method="cff", model="vit", width=16, layers=3, heads=2, views=1, lr=3e-3),
         "ff-mlp": dict(method="ff", model="mlp", width=24, layers=4, lr=3e-3),
+        # channels-last maps go over the wire as they are (the header carries the strides)
+        "sffa-cnn-channels-last": dict(method="sffa", model="cnn", channels_last=True, **CONV),
     },
 }
 
@@ -96,6 +110,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, data_path: str)
         "too_few_layers": config(width=24, layers=world - 1),
         "ranks_disagree": config(width=24, layers=world, seed=1 if rank == world - 1 else 0),
         "bp": config(method="bp", width=24, layers=world),
+        "olu": config(method="symba", model="cnn", olu=True, **CONV),
     }
     for name, cfg in refused.items():
         try:
@@ -145,7 +160,7 @@ def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
     results = world_results(world, dataset_path)
     pipe = results[0]["runs"][name]
     assert all(r["runs"][name] is None for r in results[1:]), "only rank 0 returns the metrics"
-    cfg = config(**RUNS[world][name], probe=False)  # the pipeline computes no probe (and says so)
+    cfg = config(**RUNS[world][name], probe=False).resolved()  # the pipeline computes no probe (and says so)
     data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
     seq = train(cfg, progress=False, log=lambda s: None, data=data)
     assert_same_run(pipe, seq)
@@ -162,7 +177,7 @@ def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
         assert len(rec["train_loss"]) == cfg.epochs and len(rec["valid_loss"]) == cfg.epochs
         assert all(v is not None for v in rec["train_loss"] + rec["valid_loss"])
         assert rec["train_loss"][0] != rec["train_loss"][1]
-    if name == "symba-selects-early":  # the selection had to go back: a comparison that can fail
+    if name.endswith("selects-early"):  # the selection had to go back: a comparison that can fail
         assert seq["selection"]["encoder"]["epoch"] == 2 < cfg.epochs - 1
         if cfg.method == "cff":
             assert all(v is not None for v in rec["train_clipped_fraction"] + rec["valid_clipped_fraction"])
@@ -185,6 +200,7 @@ def test_refused_on_every_rank(world, dataset_path):
         assert errors["too_few_layers"] is not None and "at least one layer" in errors["too_few_layers"], rank
         assert errors["ranks_disagree"] is not None and "seed" in errors["ranks_disagree"], rank
         assert errors["bp"] is not None and "cannot be pipelined" in errors["bp"], rank
+        assert errors["olu"] is not None and "overlapping local updates" in errors["olu"], rank
 
 
 def test_single_process_pipeline(dataset_path, one_thread):
@@ -235,6 +251,14 @@ def test_split_layers():
 def test_check_pipeline_refuses_bp():
     with pytest.raises(ValueError, match="'bp'.*cannot be pipelined"):
         check_pipeline(TrainConfig(method="bp").resolved(), 1)
+
+
+def test_check_pipeline_refuses_olu_takes_conv_models():
+    with pytest.raises(ValueError, match="olu=True.*overlapping local updates.*drop --pipeline"):
+        check_pipeline(TrainConfig(method="symba", model="cnn", olu=True).resolved(), 2)
+    for model in ("cnn", "resnet18", "mobilenetv3"):
+        for method in ("cff", "symba", "ff", "sffa", "sff"):
+            check_pipeline(TrainConfig(method=method, model=model).resolved(), 2)
 
 
 def test_message_plan_follows_the_trainer_order():

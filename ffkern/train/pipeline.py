@@ -1,27 +1,43 @@
 """The layer pipeline on torch.distributed (CFF paper, section 5.1; SPEC 3): ``ffkern train --pipeline``.
 
-Rank r of R owns a contiguous group of layers (``split_layers``). Rank 0 builds every batch's
-first-layer input from the seeded streams; every rank trains its layers on the batch and hands the
-detached output and the labels to rank r+1 by point-to-point messages. Communication overlaps
-compute: a stage posts the receive of message t+1 before it computes message t, and posts the send
-of t without waiting for it (at most ``MAX_SENDS_IN_FLIGHT`` sends outstanding, which bounds the
-memory of a fast stage that runs ahead of a slow one).
+Rank r of R owns a contiguous group of layers (``split_layers``): MLP layers, ViT blocks or conv
+blocks. Rank 0 builds every batch's first-layer input from the seeded streams; every rank trains
+its layers on the batch and hands the detached output and the labels to rank r+1 by
+point-to-point messages. Communication overlaps compute: a stage posts the receive of message t+1
+before it computes message t, and posts the send of t without waiting for it (at most
+``MAX_SENDS_IN_FLIGHT`` sends outstanding, which bounds the memory of a fast stage that runs ahead
+of a slow one).
 
 Why the result equals the sequential run (bit for bit when every process uses the same number of
 CPU threads): a layer's update depends only on its input batch (layerwise.py), the inputs come from
 streams keyed by (seed, purpose, epoch, step) (rng.py), every process builds the same initial
-weights (models.py), and each stage sees its messages in the sequential order: the training batches
-of an epoch, then that epoch's validation batches (evaluated with the weights at the end of the
-epoch, as the sequential trainer does). The pipeline only changes when work happens.
+weights and objectives (models.py, conv_models.py, methods.make_objective: seeded per layer), and
+each stage sees its messages in the sequential order: the training batches of an epoch, then that
+epoch's validation batches (evaluated with the weights at the end of the epoch, as the sequential
+trainer does). A message holds the activations with the sequential run's memory layout (strides),
+so the next layer computes on the same tensor, channels-last maps included. The pipeline only
+changes when work happens.
 
-After stage 1 the owners broadcast their layers' weights, the per-layer histories are gathered
-on rank 0, and rank 0 evaluates (linear head, or FF's try-every-label over all layers' goodness)
-exactly as the sequential trainer does, and writes the metrics.
+What a layer carries beyond its weights travels with it: BatchNorm's running statistics (buffers,
+updated by the training steps, read by the validation and prediction passes), the learned FF label
+map of the conv models (an nn.Embedding inside block 0, trained by block 0's optimizer), and an
+objective's own parameters and buffers (sff's per-class 1x1 conv and learned scale). The encoder
+selection (best validation epoch) keeps and restores all of them, as the sequential trainer's
+EncoderSelector does.
+
+After stage 1 the owners broadcast each layer's state (parameters and buffers of the layer and of
+its objective), the per-layer histories are gathered on rank 0, and rank 0 evaluates (linear head,
+FF's try-every-label over the chosen layers, or sff's per-class goodness, which reads the
+objectives' weights) exactly as the sequential trainer does, and writes the metrics. The per-layer
+probe and Fisher criterion need every layer's weights after every epoch in one process, which no
+rank has: a pipeline run implies --no-probe (and says so).
 
 Message protocol between rank r and r+1: once, a header of ``_HEADER_LEN`` int64 (message count,
-view groups, dtype, per-sample shape of the activations); then per message the activations
-[groups * B, ...] and the labels [B] (int64). B of every message is known to both ranks in advance
-from the batch plan (``message_plan``), so receives can be posted before the data exists.
+view groups, dtype, per-sample shape of the activations: [D] for the MLP, [T, D] for the ViT,
+[C, H, W] for the conv models; and the per-sample strides); then per message the activations
+[groups * B, ...] as their raw memory and the labels [B] (int64). B of every message is known to
+both ranks in advance from the batch plan (``message_plan``), so receives can be posted before the
+data exists.
 """
 from __future__ import annotations
 
@@ -29,6 +45,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -45,12 +62,13 @@ from .methods import LayerBatch
 from .metrics import History
 from .trainer import (EncoderSelector, TrainConfig, _progress, apply_device_options, build_augment, build_local_layers,
                       build_model, check_compatible, dataset_warnings, epoch_inputs, head_selection, layer_margins,
-                      loss_postfix, pick_device, predict, run_metrics, valid_batch_size, valid_inputs, warn_nonfinite)
+                      loss_postfix, per_class_backend, pick_device, predict_all, run_metrics, valid_batch_size,
+                      valid_inputs, warn_nonfinite)
 
 MAX_SENDS_IN_FLIGHT = 2  # messages a stage may have sent but not yet seen delivered
 _MAGIC = 0x46464B50  # "FFKP": a header from this protocol, not stray bytes
-_MAX_TAIL_DIMS = 4  # per-sample activation shape: [D] for the MLP, [T, D] for the ViT
-_HEADER_LEN = 5 + _MAX_TAIL_DIMS  # magic, messages, groups, dtype, ndim, tail dims
+_MAX_TAIL_DIMS = 4  # per-sample activation shape: [D] (MLP), [T, D] (ViT), [C, H, W] (conv models)
+_HEADER_LEN = 5 + 2 * _MAX_TAIL_DIMS  # magic, messages, groups, dtype, ndim, tail dims, tail strides
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Config fields that may differ between ranks: they change speed, never the numbers.
 _LOCAL_FIELDS = ("threads",)
@@ -84,10 +102,6 @@ def check_pipeline(cfg: TrainConfig, world: int) -> None:
     if cfg.olu:
         raise ValueError("olu=True (--olu): overlapping local updates train each block with its successor's loss, so a"
                          " block's update depends on the next block and the layers cannot run as a pipeline; drop --pipeline")
-    if cfg.model in ("cnn", "resnet18", "mobilenetv3"):
-        # Not yet checked to equal the sequential run (sff's per-block 1x1 convs live in the objectives,
-        # which the end-of-training broadcast does not carry).
-        raise ValueError(f"model {cfg.model!r} (--model): the conv models are not yet offered with --pipeline; drop --pipeline")
     split_layers(cfg.layers, world)
 
 
@@ -128,29 +142,70 @@ def world_size_from_env() -> int:
 
 
 # ---------------------------------------------------------------- point-to-point channels
-class Outbox:
-    """Sends this stage's outputs to the next rank without waiting; the header goes first."""
+def _dense(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether a tensor of these sizes and strides covers one block of memory, each element once
+    (any order of the dimensions: contiguous, channels-last, ...)."""
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(shape, strides) if n != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
-    def __init__(self, dst: int, group, num_messages: int, groups: int, device: torch.device):
-        self.dst, self.group, self.num_messages, self.groups, self.device = dst, group, num_messages, groups, device
+
+def _rows_strides(tail: Sequence[int], strides: Sequence[int]) -> tuple:
+    """The strides of a message of ``tail``-shaped samples: the batch outermost, each sample laid
+    out by ``strides`` (the first message's)."""
+    return (math.prod(tail), *strides)
+
+
+def _sendable(h: torch.Tensor) -> bool:
+    """Whether ``h``'s memory is one block with the samples one after the other (sent as it is)."""
+    return _dense(h.shape, h.stride()) and (h.shape[0] == 1 or h.stride(0) == math.prod(h.shape[1:]))
+
+
+def _memory(h: torch.Tensor) -> torch.Tensor:
+    """The block of memory of a dense tensor as a 1-D view (what goes over the wire)."""
+    return h.as_strided((h.numel(),), (1,))
+
+
+class Outbox:
+    """Sends this stage's outputs to the next rank without waiting; the header goes first, with
+    the shape, dtype, view groups and per-sample memory layout of the first message, which every
+    later message keeps."""
+
+    def __init__(self, dst: int, group, num_messages: int, device: torch.device):
+        self.dst, self.group, self.num_messages, self.device = dst, group, num_messages, device
+        self.groups: Optional[int] = None
         self.tail: Optional[tuple] = None
+        self.strides: Optional[tuple] = None
         self.dtype: Optional[torch.dtype] = None
         self.pending: collections.deque = collections.deque()  # (works, tensors kept alive until sent)
         self.wait_s = 0.0
 
-    def _header(self, h: torch.Tensor) -> torch.Tensor:
+    def _header(self, h: torch.Tensor, groups: int) -> torch.Tensor:
         tail = tuple(h.shape[1:])
         if len(tail) > _MAX_TAIL_DIMS or h.dtype not in _DTYPES:
             raise RuntimeError(f"pipeline: cannot send activations of shape {list(h.shape)} and dtype {h.dtype}")
-        self.tail, self.dtype = tail, h.dtype
-        values = [_MAGIC, self.num_messages, self.groups, _DTYPES.index(h.dtype), len(tail), *tail]
-        values += [0] * (_HEADER_LEN - len(values))
+        self.groups, self.tail, self.dtype, self.strides = groups, tail, h.dtype, tuple(h.stride()[1:])
+        pad = [0] * (_MAX_TAIL_DIMS - len(tail))
+        values = [_MAGIC, self.num_messages, groups, _DTYPES.index(h.dtype), len(tail), *tail, *pad, *self.strides, *pad]
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
+    def _laid_out(self, h: torch.Tensor) -> torch.Tensor:
+        """``h`` itself when its memory can be sent as it is in the header's layout (the usual
+        case: every batch of a stage comes out of the same operations), else a copy in it."""
+        if self.strides is None:  # the first message sets the layout: the tensor's own where it is one block
+            return h if _sendable(h) else h.contiguous()
+        if tuple(h.shape[1:]) != self.tail or (tuple(h.stride()[1:]) == self.strides and _sendable(h)):
+            return h  # (a wrong shape is reported by send)
+        return torch.empty_strided(h.shape, _rows_strides(self.tail, self.strides), dtype=h.dtype,
+                                   device=h.device).copy_(h)
+
     def send(self, batch: LayerBatch) -> None:
-        h, y = batch.h.contiguous(), batch.labels.to(torch.int64).contiguous()
+        h, y = self._laid_out(batch.h), batch.labels.to(torch.int64).contiguous()
         if self.tail is None:
-            header = self._header(h)
+            header = self._header(h, batch.groups)
             _wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, header, self.dst, self.group)]))
         if tuple(h.shape[1:]) != self.tail or h.dtype != self.dtype or h.shape[0] != batch.groups * y.shape[0] \
                 or batch.groups != self.groups:
@@ -159,7 +214,7 @@ class Outbox:
                                f" {y.shape[0]} samples) does not match the header {self.tail} {self.dtype} ({self.groups} groups)")
         while len(self.pending) >= MAX_SENDS_IN_FLIGHT:
             self._wait_oldest()
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, h, self.dst, self.group),
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, _memory(h), self.dst, self.group),
                                         dist.P2POp(dist.isend, y, self.dst, self.group)])
         self.pending.append((works, (h, y)))
 
@@ -176,7 +231,7 @@ class Outbox:
 
 class Inbox:
     """Receives the previous rank's outputs; ``post(i)`` starts the receive of message i into
-    buffers sized from the plan, ``take(i)`` waits for it."""
+    buffers sized from the plan and laid out as the header says, ``take(i)`` waits for it."""
 
     def __init__(self, src: int, group, plan: Sequence[Message], device: torch.device):
         self.src, self.group, self.plan, self.device = src, group, plan, device
@@ -184,20 +239,23 @@ class Inbox:
         t = time.perf_counter()
         _wait(dist.batch_isend_irecv([dist.P2POp(dist.irecv, header, src, group)]))
         self.wait_s = time.perf_counter() - t
-        magic, count, groups, dtype, ndim, *tail = header.tolist()
-        if magic != _MAGIC or not 0 <= dtype < len(_DTYPES) or not 0 <= ndim <= _MAX_TAIL_DIMS:
+        magic, count, groups, dtype, ndim, *rest = header.tolist()
+        tail, strides = rest[:_MAX_TAIL_DIMS], rest[_MAX_TAIL_DIMS:]
+        if magic != _MAGIC or not 0 <= dtype < len(_DTYPES) or not 0 <= ndim <= _MAX_TAIL_DIMS or groups < 1 \
+                or not _dense(tail[:ndim], strides[:ndim]):
             raise RuntimeError(f"pipeline: rank {src} sent a header this version does not understand: {header.tolist()}")
         if count != len(plan):
             raise RuntimeError(f"pipeline: rank {src} plans {count} messages but this rank {len(plan)}; the ranks must run"
                                " the same command on the same data")
-        self.groups, self.dtype, self.tail = groups, _DTYPES[dtype], tuple(tail[:ndim])
+        self.groups, self.dtype, self.tail, self.strides = groups, _DTYPES[dtype], tuple(tail[:ndim]), tuple(strides[:ndim])
         self.posted: Dict[int, tuple] = {}
 
     def post(self, i: int) -> None:
         b = self.plan[i].samples
-        h = torch.empty((self.groups * b, *self.tail), dtype=self.dtype, device=self.device)
+        h = torch.empty_strided((self.groups * b, *self.tail), _rows_strides(self.tail, self.strides), dtype=self.dtype,
+                                device=self.device)
         y = torch.empty(b, dtype=torch.int64, device=self.device)
-        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, h, self.src, self.group),
+        works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, _memory(h), self.src, self.group),
                                         dist.P2POp(dist.irecv, y, self.src, self.group)])
         self.posted[i] = (works, h, y)
 
@@ -291,6 +349,8 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     owners = split_layers(cfg.layers, world)
     mine = owners[rank]
     backend_name = resolve(cfg.backend, device).name
+    if cfg.method == "sff":  # the per-class loss: the backend that has its kernel, as the sequential trainer says
+        backend_name = per_class_backend(cfg.backend, device)
     data = dataset_for(cfg, data)  # loaded unless given, with the protocol (label noise, fraction)
     _check_same_run(cfg, data, pg)
     check_compatible(cfg, data)  # after the comparison: every rank has the same data, so all raise alike
@@ -303,7 +363,11 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
             log(f"warning: {note}")
     encoder = build_model(cfg, data).to(device)  # every rank: the same initial weights (seeded per layer)
     augment = build_augment(cfg, data)
-    layers = build_local_layers(cfg, encoder, mine)
+    # Every rank builds every layer's objective (seeded per layer, as the encoder): sff's hold trained
+    # weights that each owner broadcasts with its layers and rank 0 predicts with. Optimizers hold no
+    # state before their first step, so the other ranks' layers cost only their objectives here.
+    every = build_local_layers(cfg, encoder)
+    layers = every[mine[0]:mine[-1] + 1]
     margins = layer_margins(cfg)
     history = History([f"layer {l}" for l in mine], [margins[l] for l in mine])
     plan = message_plan(cfg, len(data.y_train), len(data.y_valid))
@@ -312,8 +376,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     if rank > 0:
         src = dist.get_global_rank(pg, rank - 1)
     if rank < world - 1:
-        groups = cfg.views if cfg.method == "cff" else 2
-        outbox = Outbox(dist.get_global_rank(pg, rank + 1), pg, len(plan), groups, device)
+        outbox = Outbox(dist.get_global_rank(pg, rank + 1), pg, len(plan), device)
     inputs = _first_stage_inputs(cfg, encoder, data, augment) if rank == 0 else None
 
     last = rank == world - 1
@@ -353,7 +416,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     if hasattr(bar, "close"):
         bar.close()
 
-    _share_weights(encoder, owners, pg)
+    _share_weights([_trained_modules(layer) for layer in every], owners, pg)
     report = {"rank": rank, "layers": mine, "records": history.layers, "stage1_s": stage1_s,
               "wait_recv_s": inbox.wait_s if inbox else 0.0, "wait_send_s": outbox.wait_s if outbox else 0.0}
     reports = [None] * world if rank == 0 else None
@@ -368,7 +431,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     chosen = EncoderSelector(cfg.select_encoder, {})  # the same rule on the gathered history: the same epoch
     for epoch in range(cfg.epochs):
         chosen.update(epoch, _HistoryAt(full, epoch))
-    result = predict(cfg, encoder, data, torch.bfloat16 if cfg.bf16 else None)
+    result = predict_all(cfg, encoder, _Trained(every), data, torch.bfloat16 if cfg.bf16 else None)
     result.pop("_head", None)
     metrics = run_metrics(cfg, data, encoder, augment, full, result, backend_name, device, t0, log)
     metrics["warnings"] = notes
@@ -416,8 +479,9 @@ class _Selection:
                 self.decisions.append((dist.irecv(t, src, group=group), t))
         self._device = device
 
-    def _copy(self):
-        return [{k: v.detach().clone() for k, v in layer.module.state_dict().items()} for layer in self.layers]
+    def _copy(self):  # each layer's state with its objective's (sff), as EncoderSelector keeps them
+        return [[{k: v.detach().clone() for k, v in m.state_dict().items()} for m in _trained_modules(layer)]
+                for layer in self.layers]
 
     def end_epoch(self, epoch: int, history: History) -> None:
         if not self.active:
@@ -451,8 +515,9 @@ class _Selection:
         for work, _ in self.sends:
             work.wait()
         if self.best is not None:
-            for layer, state in zip(self.layers, self.best):
-                layer.module.load_state_dict(state)
+            for layer, states in zip(self.layers, self.best):
+                for module, state in zip(_trained_modules(layer), states):
+                    module.load_state_dict(state)
 
 
 def _first_stage_inputs(cfg: TrainConfig, encoder, data: Dataset, augment) -> Iterator[LayerBatch]:
@@ -462,16 +527,34 @@ def _first_stage_inputs(cfg: TrainConfig, encoder, data: Dataset, augment) -> It
         yield from valid_inputs(cfg, encoder, data, augment)
 
 
+def _trained_modules(layer) -> List[torch.nn.Module]:
+    """What training changes of a layer: its module (parameters and buffers: BatchNorm's running
+    statistics, block 0's label embedding) and its objective where that is a module (sff's
+    per-class 1x1 conv and scale)."""
+    return [layer.module] + ([layer.objective] if isinstance(layer.objective, torch.nn.Module) else [])
+
+
+@dataclass
+class _Trained:
+    """What trainer.predict_all reads of a finished stage 1 (the sequential trainer's Stage1): every
+    layer with its objective; no bp head (bp is never pipelined)."""
+
+    layers: List
+    bp_head: None = None
+
+
 @torch.no_grad()
-def _share_weights(encoder, owners: Sequence[Sequence[int]], group) -> None:
-    """Every layer's trained weights from its owner to every rank (one broadcast per layer of the
-    flattened parameters and buffers), so that rank 0 holds the whole trained encoder."""
+def _share_weights(modules: Sequence[Sequence[torch.nn.Module]], owners: Sequence[Sequence[int]], group) -> None:
+    """Every layer's trained state from its owner to every rank, so that rank 0 holds the whole
+    trained encoder and every objective: per layer, one broadcast per dtype of the flattened
+    state-dict tensors (parameters and buffers, of the layer's modules: ``modules[l]``)."""
     for r, indices in enumerate(owners):
         src = dist.get_global_rank(group, r)
         for l in indices:
             by_dtype: Dict[torch.dtype, List[torch.Tensor]] = {}
-            for t in encoder.layers[l].state_dict().values():  # views of the parameters: copied into in place
-                by_dtype.setdefault(t.dtype, []).append(t)
+            for module in modules[l]:
+                for t in module.state_dict().values():  # views of the parameters and buffers: copied into in place
+                    by_dtype.setdefault(t.dtype, []).append(t)
             for tensors in by_dtype.values():  # one message per dtype: no value is ever cast
                 flat = torch.cat([t.reshape(-1) for t in tensors])
                 dist.broadcast(flat, src=src, group=group)
