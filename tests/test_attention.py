@@ -39,3 +39,46 @@ def test_outputs_and_gradients_match_multihead_attention(shape, dtype):
 def test_width_must_divide_by_heads():
     with pytest.raises(ValueError, match="divisible"):
         SelfAttention(50, 4)
+
+
+def test_packed_cpu_path_is_taken_and_equals_sdpa(monkeypatch):
+    """Training on the CPU in fp32 goes through _PackedCpuAttention (the gradient in the packed
+    layout in one pass); its values and gradients are SDPA's exactly (the same kernel)."""
+    from ffkern.train import attention
+
+    torch.manual_seed(1)
+    layer = SelfAttention(64, 4)
+    x = torch.randn(3, 16, 64)
+    calls = []
+    real = attention._PackedCpuAttention.apply
+    monkeypatch.setattr(attention._PackedCpuAttention, "apply", lambda qkv: calls.append(1) or real(qkv))
+
+    def run():
+        layer.zero_grad()
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        return y.detach(), [p.grad.clone() for p in layer.parameters()]
+
+    y_packed, g_packed = run()
+    assert calls, "the packed CPU path was not taken"
+    monkeypatch.setattr(attention, "_packed_path", lambda qkv: False)
+    calls.clear()
+    y_sdpa, g_sdpa = run()
+    assert not calls
+    assert torch.equal(y_packed, y_sdpa)
+    for a, b in zip(g_packed, g_sdpa):
+        assert torch.equal(a, b)
+
+
+def test_packed_cpu_path_refuses_double_backward_and_forward_ad_like_sdpa():
+    """SDPA's CPU kernel has neither a double backward nor a forward-AD rule; the packed path
+    raises for both as stock nn.MultiheadAttention does, never returns a wrong derivative."""
+    import torch.autograd.forward_ad as fwAD
+
+    layer = SelfAttention(32, 4)
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.square().sum().backward()
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="jvp"):
+        layer(fwAD.make_dual(x.detach(), torch.randn_like(x)))

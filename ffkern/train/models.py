@@ -14,6 +14,7 @@ from torch import nn
 
 from . import rng
 from .attention import SelfAttention
+from .cpu_linear import Linear
 
 
 class RMSInput(nn.Module):
@@ -75,7 +76,7 @@ def default_label_encoding(method: str, model: str) -> str:
 def mlp_layer(in_dim: int, out_dim: int, normalize_input: bool, topk: Optional[int] = None) -> nn.Sequential:
     parts = [RMSInput()] if normalize_input else []
     sparse = [TopKHalves(topk, out_dim)] if topk is not None else []
-    return nn.Sequential(*parts, nn.Linear(in_dim, out_dim), nn.ReLU(), *sparse)
+    return nn.Sequential(*parts, Linear(in_dim, out_dim), nn.ReLU(), *sparse)
 
 
 class TokenL2Norm(nn.Module):
@@ -99,7 +100,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.mlp = nn.Sequential(Linear(dim, 2 * dim), nn.GELU(), Linear(2 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
@@ -113,7 +114,7 @@ class PatchEmbedBlock(nn.Module):
 
     def __init__(self, patch_dim: int, dim: int, heads: int, num_tokens: int):
         super().__init__()
-        self.proj = nn.Linear(patch_dim, dim)
+        self.proj = Linear(patch_dim, dim)
         self.pos = nn.Parameter(0.02 * torch.randn(1, num_tokens, dim))
         self.block = Block(dim, heads)
 
