@@ -18,6 +18,7 @@ import gpu_toolchain  # noqa: E402
 
 MIN_CONFIGS = 80  # every SupCon and FF configuration of all_launch_cases()
 PER_CLASS_CONFIGS = 36  # kernels/per_class_goodness.py's aot_launch_cases(): 3 shapes x 3 dtypes x 2 layouts x 2
+SFFA_ACTIVITY_CONFIGS = 8  # triton_compile_check.sffa_activity_launch_cases(): 4 dtypes x forward, backward
 
 
 def _run_checks(jobs):
@@ -27,7 +28,9 @@ def _run_checks(jobs):
     outputs = [p.communicate(timeout=1500)[0] for p in procs]
     for (python, cap), proc, out in zip(jobs, procs, outputs):
         assert proc.returncode == 0, f"{python} sm_{cap}:\n{out}"
-        assert out.count(" ok\n") >= MIN_CONFIGS + PER_CLASS_CONFIGS, out
+        assert out.count(" ok\n") >= MIN_CONFIGS + PER_CLASS_CONFIGS + SFFA_ACTIVITY_CONFIGS, out
+        assert sum(1 for line in out.splitlines() if " sffa-activity: " in line and line.endswith(" ok")) \
+            == SFFA_ACTIVITY_CONFIGS, out
         assert sum(1 for line in out.splitlines() if " per_class " in line and line.endswith(" ok")) == PER_CLASS_CONFIGS, out
 
 

@@ -18,9 +18,29 @@ import triton  # noqa: E402
 from ffkern.kernels import _aot, per_class_goodness  # noqa: E402
 
 
+def sffa_activity_launch_cases():
+    """SFFA with its fused activity factor: the ACTIVITY variants of the FF forward and backward
+    kernels (_aot.all_launch_cases records the plain losses), on ff_launches' [4096, 1024] shape."""
+    import torch
+
+    from ffkern.kernels import ff_goodness as FG
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        h = torch.zeros(4096, 1024, dtype=dtype)
+
+        def run():
+            _, coef, split, _ = FG.forward(FG.SFFA, h, h, 0.0, "mean", 0, activity=True)
+            FG.backward(h, coef[0], coef[1], torch.ones(2, dtype=coef.dtype), 0, split, activity=True)
+
+        for launch_ in _aot._record(run):
+            yield f"ff {launch_.name} {str(dtype)[6:]} sffa-activity", launch_
+
+
 def launch_cases():
-    """Every recorded launch: kernels/_aot.py's (SupCon, FF) and the per-class loss's."""
+    """Every recorded launch: kernels/_aot.py's (SupCon, FF), SFFA's activity variants and the
+    per-class loss's."""
     yield from _aot.all_launch_cases()
+    yield from sffa_activity_launch_cases()
     yield from per_class_goodness.aot_launch_cases()
 
 
