@@ -12,6 +12,7 @@ process with one thread too, so both sides do the same float operations. One mor
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from ffkern.cli import main
+from ffkern.train import pipeline, trainer
 from ffkern.train.data import batches, load_npz
 from ffkern.train.pipeline import check_pipeline, message_plan, split_layers, train_pipeline
 from ffkern.train.trainer import TrainConfig, train, valid_batch_size
@@ -33,7 +35,7 @@ TINY = dict(epochs=2, batch_size=64, head_epochs=2, backend="reference", device=
 # Per world: the runs it trains as a pipeline (name -> TrainConfig fields). Layer splits:
 # depth 3 on 2 ranks [[0, 1], [2]]; depth 3 on 3 ranks one each; depth 4 on 3 ranks [[0, 1], [2], [3]];
 # the cnn (6 blocks) on 2 ranks [[0, 1, 2], [3, 4, 5]], on 3 ranks two each; resnet18 (8) on 2 ranks 4 each.
-# Conv models at 1/16 of their channels: 8x8 maps of 8 to 32 channels, a fraction of a second per run.
+# Conv models at 1/16 of their channels (mobilenetv3 1/4): 8x8 maps of 4 to 144 channels, 0.1-2 s a run.
 CONV = dict(width=0.0625, lr=1e-2)
 RUNS = {
     2: {
@@ -50,12 +52,16 @@ RUNS = {
         # selection goes back to epoch 2 of 4, objectives included
         "sff-resnet18-selects-early": dict(method="sff", model="resnet18", **dict(CONV, lr=0.02), epochs=4,
                                            batch_size=32),
+        # try every label over blocks of both ranks (4 is rank 1's)
+        "symba-resnet18-some-layers": dict(method="symba", model="resnet18", ff_predict_layers="0,2,4", **CONV),
     },
     3: {
         "cff-vit-oneview": dict(method="cff", model="vit", width=16, layers=3, heads=2, views=1, lr=3e-3),
         "ff-mlp": dict(method="ff", model="mlp", width=24, layers=4, lr=3e-3),
         # channels-last maps go over the wire as they are (the header carries the strides)
         "sffa-cnn-channels-last": dict(method="sffa", model="cnn", channels_last=True, **CONV),
+        # 11 blocks [[0..3], [4..7], [8..10]]: squeeze-excite, hard-swish, BatchNorm in every block
+        "symba-mobilenetv3": dict(method="symba", model="mobilenetv3", width=0.25, lr=1e-2),
     },
 }
 
@@ -93,17 +99,54 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# ---------------------------------------------------------------- what prediction is given
+@contextlib.contextmanager
+def predicted_state(module):
+    """Records what stage 2 is given (``module.predict_all``'s encoder and objectives, as copies
+    of their state dicts: parameters and buffers) into the yielded dict. The metrics compare only
+    what comes out of prediction, which may agree by chance (an accuracy over 60 samples); this
+    shows that every trained tensor reached the predicting process."""
+    seen = {}
+    real = module.predict_all
+
+    def spy(cfg, encoder, run, data, autocast_dtype):
+        seen["encoder"] = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
+        seen["objectives"] = [{k: v.detach().clone() for k, v in layer.objective.state_dict().items()}
+                              if isinstance(layer.objective, torch.nn.Module) else None for layer in run.layers]
+        return real(cfg, encoder, run, data, autocast_dtype)
+
+    module.predict_all = spy
+    try:
+        yield seen
+    finally:
+        module.predict_all = real
+
+
+def assert_same_state(pipe: dict, seq: dict) -> None:
+    assert pipe.keys() == seq.keys() == {"encoder", "objectives"}
+    assert pipe["encoder"].keys() == seq["encoder"].keys()
+    for key, value in seq["encoder"].items():
+        assert torch.equal(pipe["encoder"][key], value), f"encoder {key} differs"
+    assert len(pipe["objectives"]) == len(seq["objectives"])
+    for l, (p, s) in enumerate(zip(pipe["objectives"], seq["objectives"])):
+        assert (p is None) == (s is None) and (p is None or p.keys() == s.keys()), l
+        for key in s or {}:
+            assert torch.equal(p[key], s[key]), f"objective {l} {key} differs"
+
+
 # ---------------------------------------------------------------- the worker (one rank)
 def _worker(rank: int, world: int, init_file: str, out_dir: str, data_path: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=WORKER_TIMEOUT_S // 2))
-    out = {"runs": {}, "errors": {}}
+    out = {"runs": {}, "states": {}, "errors": {}}
     for name, fields in RUNS[world].items():
         cfg = config(**fields)
         data = load_npz(data_path, cfg.seed, cfg.valid_fraction)
-        out["runs"][name] = train_pipeline(cfg, progress=False, log=lambda s: None, data=data)
+        with predicted_state(pipeline) as seen:
+            out["runs"][name] = train_pipeline(cfg, progress=False, log=lambda s: None, data=data)
+        out["states"][name] = seen or None
 
     data = load_npz(data_path, 0, 0.1)
     refused = {  # every rank must raise the same error (none may be left waiting for another)
@@ -162,8 +205,11 @@ def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
     assert all(r["runs"][name] is None for r in results[1:]), "only rank 0 returns the metrics"
     cfg = config(**RUNS[world][name], probe=False).resolved()  # the pipeline computes no probe (and says so)
     data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
-    seq = train(cfg, progress=False, log=lambda s: None, data=data)
+    with predicted_state(trainer) as seen:
+        seq = train(cfg, progress=False, log=lambda s: None, data=data)
     assert_same_run(pipe, seq)
+    assert_same_state(results[0]["states"][name], seen)
+    assert all(r["states"][name] is None for r in results[1:]), "only rank 0 predicts"
 
     info = pipe["pipeline"]
     assert info["world_size"] == world and info["process_group_backend"] == "gloo"
@@ -246,6 +292,18 @@ def test_split_layers():
         split_layers(2, 3)
     with pytest.raises(ValueError, match="world must be an int >= 1"):
         split_layers(3, 0)
+
+
+def test_message_layouts():
+    """What a message sends is the tensor's memory as it is, when that is one block with the
+    samples one after the other (contiguous or channels-last maps); else a contiguous copy."""
+    from ffkern.train.pipeline import _dense, _sendable
+
+    x = torch.zeros(4, 3, 5, 5)
+    assert _sendable(x) and _sendable(x.contiguous(memory_format=torch.channels_last))
+    assert _sendable(x[:1].expand(1, 3, 5, 5)) and _sendable(torch.zeros(4, 3, 1, 1).as_strided((4, 3, 1, 1), (3, 1, 3, 3)))
+    assert not _sendable(x[:, :2]) and not _sendable(x[::2]) and not _sendable(x.transpose(0, 1))  # gaps, batch inside
+    assert _dense((3, 5), (1, 3)) and not _dense((4, 3), (0, 1)) and not _dense((2, 2), (1, 1))  # expanded, overlapping
 
 
 def test_check_pipeline_refuses_bp():
