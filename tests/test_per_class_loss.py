@@ -365,3 +365,73 @@ def test_fused_opcheck(backend, device):
     ]
     for op, args in samples:
         torch.library.opcheck(op.default, args)
+
+
+# ---- the cpp CPU kernel's two ways of computing a tile (csrc/cpu/per_class_cpu.cpp) ------------------
+
+def _cpp_cpu_or_skip():
+    try:
+        _backend._instance("cpp")
+    except Exception as exc:  # noqa: BLE001 - the reason is shown
+        pytest.skip(f"backend 'cpp' unavailable: {exc}")
+
+
+def _cpp_grads(h, w, bias, y, products, monkeypatch):
+    monkeypatch.setenv("FFKERN_CPU_PER_CLASS_PRODUCTS", products)
+    h = h.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True)
+    loss = per_class_goodness_loss(h, w, y, bias=bias, scale=0.8, reduction="sum", backend="cpp")
+    g = class_goodness(h, w, bias, backend="cpp")
+    gw = torch.linspace(-1.0, 1.0, g.numel()).reshape(g.shape)
+    return (loss, g, *torch.autograd.grad(loss + (g * gw).sum(), (h, w, bias)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(3, 70, 7, (9, 5)), (64, 256, 10, (16, 16))],
+                         ids=["odd", "large (dh streamed, several tiles)"])
+def test_cpp_cpu_blocked_products_and_loops_agree(shape, layout, dtype, monkeypatch):
+    """The blocked products (float32 accumulation: the default) and the plain loops
+    (FFKERN_CPU_PER_CLASS_PRODUCTS=loops) compute the same loss and gradients as the reference; the
+    large case's float32 dh exceeds 8 MiB, so that it is written with streaming stores, and C = 256
+    over 16 x 16 positions spans several position tiles."""
+    _cpp_cpu_or_skip()
+    b, c, k, hw = shape
+    h, w, bias, y = inputs(b, c, k, hw, dtype=torch.float32, seed=11)
+    h, w, bias = h.to(dtype), w.to(dtype), bias.to(dtype)
+    if layout == "channels_last":
+        h = h.contiguous(memory_format=torch.channels_last)
+    names = ("loss", "g", "dh", "dW", "dbias")
+    blocked = _cpp_grads(h, w, bias, y, "blas", monkeypatch)
+    loops = _cpp_grads(h, w, bias, y, "loops", monkeypatch)
+    hr, wr, br = (t.double().requires_grad_(True) for t in (h, w, bias))
+    r_loss = per_class_goodness_loss(hr, wr, y, bias=br, scale=0.8, reduction="sum", backend="reference")
+    r_g = class_goodness(hr, wr, br, backend="reference")
+    gw = torch.linspace(-1.0, 1.0, r_g.numel(), dtype=torch.float64).reshape(r_g.shape)
+    ref = (r_loss, r_g, *torch.autograd.grad(r_loss + (r_g * gw).sum(), (hr, wr, br)))
+    tol = 2e-5 if dtype == torch.float32 else 1e-2  # bf16: one rounding of the gradient
+    for name, got_b, got_l, want in zip(names, blocked, loops, ref):
+        close(got_b, want, tol, f"blocked {name}")
+        close(got_l, want, tol, f"loops {name}")
+    assert blocked[2].dtype == dtype and blocked[2].is_contiguous(memory_format=(
+        torch.channels_last if layout == "channels_last" else torch.contiguous_format))
+
+
+def test_cpp_cpu_blocked_products_bitwise_reproducible(monkeypatch):
+    """The blocked path's gradients are the same bits run to run and with 1 or 2 threads (dW summed
+    per fixed chunk of samples, each chunk's products single-threaded in order)."""
+    _cpp_cpu_or_skip()
+    monkeypatch.delenv("FFKERN_CPU_PER_CLASS_PRODUCTS", raising=False)
+    h, w, bias, y = inputs(96, 40, 10, (6, 6), dtype=torch.float32, seed=12)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append(_cpp_grads(h, w, bias, y, "blas", monkeypatch))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for name, a, b in zip(("loss", "g", "dh", "dW", "dbias"), results[0], other):
+            assert torch.equal(a, b), f"{name} differs between runs / thread counts"
