@@ -24,6 +24,23 @@ enum PairLossKind : int { kLossFF = 0, kLossSymBa = 1, kLossSFFA = 2 };
 // SFFA clamps q to [eps, 1 - eps] (ffkern.reference.SFFA_EPS).
 constexpr double kSffaEps = 1e-4;
 
+// SFFA's activity factor (SPEC 2, ffkern.reference.SFFA_ACTIVITY_RATE): L = L_S * A with
+// A = 1 + exp(-rate (mu+ + mu-)), mu the mean of every entry that enters the loss.
+constexpr double kSffaActivityRate = 10.0;
+
+template <typename T>
+FFKERN_HD T sffa_activity(T mu_sum) {
+  return T(1) + std::exp(-T(kSffaActivityRate) * mu_sum);
+}
+
+// What the factor adds to dL/dh of every kept element: grad * L_S * dA/dh, where
+// dA/dh = dA/dmu / count = -rate (A - 1) / count (the same for h+ and h-, whose counts are equal;
+// inv_count = 1 / (B T' D)). The rest of dL/dh is A dL_S/dh: the pair gradient with its scale times A.
+template <typename T>
+FFKERN_HD T sffa_activity_shift(T grad, T loss_s, T a, T inv_count) {
+  return grad * loss_s * (-T(kSffaActivityRate) * (a - T(1))) * inv_count;
+}
+
 // log(1 + e^x) without overflow: max(x, 0) + log1p(e^-|x|).
 template <typename T>
 FFKERN_HD T softplus(T x) {

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 TORCH_LIBRARY(ffkern, m) {
@@ -44,13 +45,21 @@ TORCH_LIBRARY(ffkern, m) {
   m.def("goodness_backward(Tensor grad, Tensor h, str kind, int skip_tokens) -> Tensor");
 
   // Pair losses, loss in {"ff", "symba", "sffa"}; param = threshold (ff), alpha (symba), unused
-  // (sffa). Returns the 0-dim loss; the backward returns (dL/dh_pos, dL/dh_neg).
+  // (sffa). activity_term (sffa only): SFFA's factor A = 1 + exp(-10 (mu+ + mu-)) (SPEC 2), fused:
+  // the forward kernels sum the activations in the pass that computes the energies.
+  // pair_loss_fused returns (L, activity): the 0-dim loss (L_S A with the term) and (L_S, A) [2] for
+  // the backward (an empty tensor without the term); its autograd is registered in Python.
   m.def(
-      "pair_loss(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens) -> "
-      "Tensor");
+      "pair_loss_fused(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens, "
+      "bool activity_term) -> (Tensor, Tensor)");
+  // The 0-dim loss only: pair_loss_fused's first output (CompositeImplicitAutograd, below).
+  m.def(
+      "pair_loss(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens, "
+      "bool activity_term=False) -> Tensor");
+  // (dL/dh_pos, dL/dh_neg); activity: pair_loss_fused's (L_S, A) for the loss with SFFA's factor.
   m.def(
       "pair_loss_backward(Tensor grad, Tensor h_pos, Tensor h_neg, str loss, float param, str kind, "
-      "int skip_tokens) -> (Tensor, Tensor)");
+      "int skip_tokens, Tensor? activity=None) -> (Tensor, Tensor)");
 }
 
 namespace ffkern {
@@ -76,7 +85,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_rows(const at:
   return forward.call(zq, labels, zq, labels, 0, temperature, margin);
 }
 
+// pair_loss = pair_loss_fused's loss: a composite of the op, so that autograd (registered on
+// pair_loss_fused) saves the activity output for the backward while callers keep one tensor.
+// (std::string arguments: the C++ signature the CPU and CUDA kernels register with.)
+at::Tensor pair_loss(const at::Tensor& h_pos, const at::Tensor& h_neg, std::string loss, double param,
+                     std::string kind, int64_t skip_tokens, bool activity_term) {
+  static const auto fused =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("ffkern::pair_loss_fused", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, std::string, double,
+                                                    std::string, int64_t, bool)>();
+  return std::get<0>(fused.call(h_pos, h_neg, loss, param, kind, skip_tokens, activity_term));
+}
+
 }  // namespace
 }  // namespace ffkern
 
 TORCH_LIBRARY_IMPL(ffkern, CompositeExplicitAutograd, m) { m.impl("supcon_rows", &ffkern::supcon_rows); }
+TORCH_LIBRARY_IMPL(ffkern, CompositeImplicitAutograd, m) { m.impl("pair_loss", &ffkern::pair_loss); }

@@ -80,7 +80,15 @@ def op_samples(device):
         ("goodness_backward", (torch.randn(3, generator=gen).to(device), h3, "sum", 1)),
         ("pair_loss", (h2p.clone().requires_grad_(), h2n.clone().requires_grad_(), "sffa", 0.0, "mean", 0)),
         ("pair_loss", (h3.clone().requires_grad_(), h3.flip(0).clone().requires_grad_(), "ff", 1.5, "sum", 1)),
+        ("pair_loss", (h3.clone().requires_grad_(), h3.flip(0).clone().requires_grad_(), "sffa", 0.0, "mean", 1,
+                       True)),
+        ("pair_loss_fused", (h2p.clone().requires_grad_(), h2n.clone().requires_grad_(), "sffa", 0.0, "mean", 0,
+                             True)),
+        ("pair_loss_fused", (h3.clone().requires_grad_(), h3.flip(0).clone().requires_grad_(), "symba", 4.0, "sum",
+                             1, False)),
         ("pair_loss_backward", (torch.tensor(1.5, device=device), h2p, h2n, "symba", 4.0, "mean", 0)),
+        ("pair_loss_backward", (torch.tensor(1.5, device=device), h3, h3.flip(0), "sffa", 0.0, "mean", 1,
+                                torch.tensor([0.7, 1.3], device=device))),
     ]
 
 
@@ -193,6 +201,98 @@ def test_gradcheck_ff_losses(ops, shape, skip):
             lambda a, b: ffkern.symba_loss(a, b, alpha=2.0, kind=kind, skip_tokens=skip, backend="cpp"), (hp, hn))
         torch.autograd.gradcheck(
             lambda a, b: ffkern.sffa_loss(a, b, kind=kind, skip_tokens=skip, backend="cpp"), (hp, hn))
+
+
+# ---- SFFA's activity term, fused into the kernels (SPEC 2) ----------------------------------------
+
+
+def test_sffa_activity_is_fused(ops, monkeypatch):
+    """backend "cpp" computes A inside the kernels: the PyTorch composition is never called."""
+    import ffkern.cpp
+
+    def composed(*args, **kwargs):
+        raise AssertionError("the cpp backend composed SFFA's activity term in PyTorch")
+
+    monkeypatch.setattr(reference, "with_sffa_activity", composed)
+    monkeypatch.setattr(reference, "sffa_activity", composed)
+    monkeypatch.setattr(ffkern.cpp, "with_sffa_activity", composed, raising=False)
+    gen = torch.Generator().manual_seed(2)
+    hp, hn = (torch.rand(6, 3, 8, generator=gen).requires_grad_() for _ in range(2))
+    loss = ffkern.sffa_loss(hp, hn, skip_tokens=1, activity_term=True, backend="cpp")
+    loss.backward()
+    plain = ffkern.sffa_loss(hp.detach(), hn.detach(), skip_tokens=1, backend="cpp")
+    mu = hp.detach()[:, 1:].mean() + hn.detach()[:, 1:].mean()
+    torch.testing.assert_close(loss.detach(), plain * (1 + torch.exp(-10 * mu)))
+    assert hp.grad is not None and not hp.grad[:, 0].any()
+
+
+def test_sffa_activity_outputs(ops):
+    """pair_loss_fused: (L_S A, (L_S, A)) with the term, (L_S, empty) without it."""
+    gen = torch.Generator().manual_seed(3)
+    hp, hn = (torch.rand(5, 4, 6, generator=gen, dtype=torch.float64) * 0.3 for _ in range(2))
+    loss, activity = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, True)
+    plain, none = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, False)
+    assert none.numel() == 0 and activity.shape == (2,)
+    a = reference.sffa_activity(hp, hn, 1)
+    close(activity, torch.stack([plain, a]), 1e-12, "(L_S, A)")
+    close(loss, plain * a, 1e-12, "L")
+    with pytest.raises(RuntimeError, match="activity_term is SFFA's factor"):
+        ops.pair_loss_fused(hp, hn, "ff", 2.0, "mean", 1, True)
+    with pytest.raises(RuntimeError, match="activity must hold"):
+        ops.pair_loss_backward(torch.tensor(1.0), hp, hn, "sffa", 0.0, "mean", 1, torch.ones(3))
+
+
+@pytest.mark.parametrize("shape,skip", [((5, 6), 0), ((4, 3, 6), 1), ((3, 1, 8), 0)], ids=["BD", "BTD-skip1", "BT1D"])
+def test_gradcheck_sffa_activity(ops, shape, skip):
+    """float64 gradcheck of the fused activity path: A dL_S/dh + L_S dA/dh (0 on skipped tokens)."""
+    gen = torch.Generator().manual_seed(9)
+    hp = (torch.rand(shape, generator=gen, dtype=torch.float64) * 0.3).requires_grad_()
+    hn = (torch.rand(shape, generator=gen, dtype=torch.float64) * 0.3 - 0.05).requires_grad_()
+    for kind in ("mean", "sum"):
+        torch.autograd.gradcheck(
+            lambda a, b: ffkern.sffa_loss(a, b, kind=kind, skip_tokens=skip, activity_term=True, backend="cpp"),
+            (hp, hn))
+
+
+def test_sffa_activity_modes(ops):
+    """The fused op under torch.compile(fullgraph=True) matches eager; double backward and forward
+    mode raise naming ffkern (ffkern._op_autograd), as for the plain loss."""
+    import torch.autograd.forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(4)
+    hp, hn = (torch.rand(4, 3, 6, generator=gen, dtype=torch.float64) * 0.3 for _ in range(2))
+    fn = lambda a, b: ffkern.sffa_loss(a, b, skip_tokens=1, activity_term=True, backend="cpp")  # noqa: E731
+    eager = [t.clone().requires_grad_() for t in (hp, hn)]
+    fn(*eager).backward()
+    compiled = [t.clone().requires_grad_() for t in (hp, hn)]
+    torch._dynamo.reset()
+    value = torch.compile(fn, fullgraph=True)(*compiled)
+    value.backward()
+    close(value, fn(hp, hn), 1e-12, "compiled L")
+    for c, e in zip(compiled, eager):
+        close(c.grad, e.grad, 1e-12, "compiled dh")
+    t = hp.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fn(t, hn), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="ffkern: backend 'cpp' does not support double backward .* sffa_loss"):
+        g.sum().backward()
+    with fwAD.dual_level():
+        with pytest.raises(RuntimeError, match="ffkern: backend 'cpp' does not support forward-mode AD"):
+            fn(fwAD.make_dual(hp, torch.ones_like(hp)), hn)
+
+
+def test_sffa_activity_large_float32_matches_reference(ops, highest_precision):
+    """The streamed-store path (gradients of 8 MiB and more) with the activity constant."""
+    gen = torch.Generator().manual_seed(10)
+    hp, hn = ((torch.rand(130, 9, 1002, generator=gen) * 0.3).requires_grad_() for _ in range(2))  # rows of 4008 bytes: unaligned
+    ref = [t.detach().double().requires_grad_() for t in (hp, hn)]
+    expected = reference.sffa_loss(*ref, skip_tokens=2, activity_term=True)
+    got = ffkern.sffa_loss(hp, hn, skip_tokens=2, activity_term=True, backend="cpp")
+    close(got, expected, 1e-5, "L")
+    expected.backward()
+    got.backward()
+    for g, r in zip((hp.grad, hn.grad), ref):
+        close(g, r.grad, 1e-5, "dh")
+        assert not g[:, :2].any()
 
 
 # ---- determinism --------------------------------------------------------------------------------

@@ -9,7 +9,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -47,18 +49,59 @@ FFKERN_ALWAYS_INLINE acc_t sum_squares(const T* x, int64_t n) {
   return total;
 }
 
+// sum_squares and, in the same pass, the plain sum of the n values (*sum; SFFA's activity term).
+template <typename T, typename acc_t>
+FFKERN_ALWAYS_INLINE acc_t sum_squares_and_sum(const T* x, int64_t n, acc_t* sum) {
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {}, plain[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      const acc_t v = static_cast<acc_t>(x[i + k]);
+      lanes[k] += v * v;
+      plain[k] += v;
+    }
+  }
+  acc_t total = 0, total_plain = 0;
+  for (; i < n; ++i) {
+    const acc_t v = static_cast<acc_t>(x[i]);
+    total += v * v;
+    total_plain += v;
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    total += lanes[k];
+    total_plain += plain[k];
+  }
+  *sum = total_plain;
+  return total;
+}
+
+// E0, E1 of the mean x [dim]; with sum non-null also the sum of its entries, in the same pass.
+template <typename T, typename acc_t>
+FFKERN_ALWAYS_INLINE void half_energies(const T* x, int64_t dim, acc_t* e0, acc_t* e1, acc_t* sum) {
+  const int64_t half = dim / 2;
+  if (sum == nullptr) {
+    *e0 = sum_squares<T, acc_t>(x, half);
+    *e1 = sum_squares<T, acc_t>(x + half, dim - half);
+    return;
+  }
+  acc_t s0, s1;
+  *e0 = sum_squares_and_sum<T, acc_t>(x, half, &s0);
+  *e1 = sum_squares_and_sum<T, acc_t>(x + half, dim - half, &s1);
+  *sum = s0 + s1;
+}
+
 // Energies E0 (first D/2 features) and E1 (the rest) of one sample h [T, D], from the token mean
 // over tokens skip..T-1. With a single token in the mean ([B, D], or [B, T, D] with skip = T-1) the
 // mean is that row itself: read in place, nothing copied. Otherwise the mean goes to m [D].
-// Returns the mean's address (the row, or m), which write_grad reads.
+// Returns the mean's address (the row, or m), which write_grad reads. With sum non-null, *sum is
+// the sum of the mean's D entries (SFFA's activity term), taken in the pass of the energies.
 template <typename in_t, typename acc_t>
 FFKERN_ALWAYS_INLINE const void* sample_energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m,
-                                                 acc_t* e0, acc_t* e1) {
-  const int64_t half = dim / 2;
+                                                 acc_t* e0, acc_t* e1, acc_t* sum) {
   const in_t* first = h + skip * dim;
   if (tokens - skip == 1 && std::is_same_v<in_t, acc_t>) {
-    *e0 = sum_squares<in_t, acc_t>(first, half);
-    *e1 = sum_squares<in_t, acc_t>(first + half, dim - half);
+    half_energies<in_t, acc_t>(first, dim, e0, e1, sum);
     return first;
   }
   for (int64_t d = 0; d < dim; ++d) m[d] = static_cast<acc_t>(first[d]);
@@ -70,16 +113,29 @@ FFKERN_ALWAYS_INLINE const void* sample_energies(const in_t* h, int64_t tokens, 
     const acc_t inv_count = acc_t(1) / acc_t(tokens - skip);
     for (int64_t d = 0; d < dim; ++d) m[d] *= inv_count;
   }
-  *e0 = sum_squares<acc_t, acc_t>(m, half);
-  *e1 = sum_squares<acc_t, acc_t>(m + half, dim - half);
+  half_energies<acc_t, acc_t>(m, dim, e0, e1, sum);
   return m;
 }
 
-// dL/dh of one sample: dL/dE_half(d) * 2 m_d / T' for the mean's tokens, 0 for skipped ones.
-// mean: what sample_energies returned (in_t when it is the row itself, else acc_t).
+// c m + k, SFFA's activity term's gradient. float32 (the instruction-set clones and the streamed
+// path) takes one fused multiply-add, so that every clone and both store paths give the same bits
+// (GCC would contract c m + k into an FMA where the target has one and not elsewhere); the
+// portable types compile for the baseline ISA, where nothing is contracted.
+template <typename acc_t>
+FFKERN_ALWAYS_INLINE acc_t affine(acc_t c, acc_t m, acc_t k) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return std::fma(c, m, k);
+  } else {
+    return c * m + k;
+  }
+}
+
+// dL/dh of one sample: dL/dE_half(d) * 2 m_d / T' (+ shift, when shifted) for the mean's tokens,
+// 0 for skipped ones. mean: what sample_energies returned (in_t when it is the row itself, else
+// acc_t). shift: SFFA's activity term's constant (sffa_activity_shift); without it no add at all.
 template <typename in_t, typename acc_t>
 FFKERN_ALWAYS_INLINE void write_grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean,
-                                     bool mean_is_row, acc_t d0, acc_t d1) {
+                                     bool mean_is_row, acc_t d0, acc_t d1, bool shifted, acc_t shift) {
   const int64_t half = dim / 2;
   const acc_t c0 = acc_t(2) * d0 / acc_t(tokens - skip), c1 = acc_t(2) * d1 / acc_t(tokens - skip);
   for (int64_t t = 0; t < skip; ++t) {
@@ -89,8 +145,13 @@ FFKERN_ALWAYS_INLINE void write_grad(in_t* dh, int64_t tokens, int64_t dim, int6
   const auto fill = [&](const auto* m) {
     for (int64_t t = skip; t < tokens; ++t) {
       in_t* row = dh + t * dim;
-      for (int64_t d = 0; d < half; ++d) row[d] = static_cast<in_t>(c0 * static_cast<acc_t>(m[d]));
-      for (int64_t d = half; d < dim; ++d) row[d] = static_cast<in_t>(c1 * static_cast<acc_t>(m[d]));
+      if (shifted) {
+        for (int64_t d = 0; d < half; ++d) row[d] = static_cast<in_t>(affine(c0, static_cast<acc_t>(m[d]), shift));
+        for (int64_t d = half; d < dim; ++d) row[d] = static_cast<in_t>(affine(c1, static_cast<acc_t>(m[d]), shift));
+      } else {
+        for (int64_t d = 0; d < half; ++d) row[d] = static_cast<in_t>(c0 * static_cast<acc_t>(m[d]));
+        for (int64_t d = half; d < dim; ++d) row[d] = static_cast<in_t>(c1 * static_cast<acc_t>(m[d]));
+      }
     }
   };
   if (mean_is_row) {
@@ -116,6 +177,13 @@ __attribute__((target("avx512f"))) void stream_scaled(float* dst, const float* s
   for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_mul_ps(vc, _mm512_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] = c * src[i];
 }
+__attribute__((target("avx512f"))) void stream_affine(float* dst, const float* src, int64_t n, float c, float k) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = std::fma(c, src[i], k);
+  const __m512 vc = _mm512_set1_ps(c), vk = _mm512_set1_ps(k);
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_fmadd_ps(vc, _mm512_loadu_ps(src + i), vk));
+  for (; i < n; ++i) dst[i] = std::fma(c, src[i], k);
+}
 __attribute__((target("avx512f"))) void stream_zeros(float* dst, int64_t n) {
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63) != 0; ++i) dst[i] = 0.0f;
@@ -131,6 +199,7 @@ bool can_stream() {
 void store_fence() { _mm_sfence(); }
 #else
 void stream_scaled(float*, const float*, int64_t, float) {}
+void stream_affine(float*, const float*, int64_t, float, float) {}
 void stream_zeros(float*, int64_t) {}
 bool can_stream() { return false; }
 void store_fence() {}
@@ -139,14 +208,20 @@ void store_fence() {}
 bool stream_output(int64_t output_bytes) { return output_bytes >= kStreamBytes && can_stream(); }
 
 // write_grad for float32 with streaming stores (same values as write_grad).
-void write_grad_streamed(float* dh, int64_t tokens, int64_t dim, int64_t skip, const float* m, float d0, float d1) {
+void write_grad_streamed(float* dh, int64_t tokens, int64_t dim, int64_t skip, const float* m, float d0, float d1,
+                         bool shifted, float shift) {
   const int64_t half = dim / 2;
   const float c0 = 2.0f * d0 / float(tokens - skip), c1 = 2.0f * d1 / float(tokens - skip);
   stream_zeros(dh, skip * dim);
   for (int64_t t = skip; t < tokens; ++t) {
     float* row = dh + t * dim;
-    stream_scaled(row, m, half, c0);
-    stream_scaled(row + half, m + half, dim - half, c1);
+    if (shifted) {
+      stream_affine(row, m, half, c0, shift);
+      stream_affine(row + half, m + half, dim - half, c1, shift);
+    } else {
+      stream_scaled(row, m, half, c0);
+      stream_scaled(row + half, m + half, dim - half, c1);
+    }
   }
 }
 
@@ -156,35 +231,35 @@ void write_grad_streamed(float* dh, int64_t tokens, int64_t dim, int64_t skip, c
 template <typename in_t, typename acc_t>
 struct Sample {
   static const void* energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m, acc_t* e0,
-                              acc_t* e1) {
-    return sample_energies<in_t, acc_t>(h, tokens, dim, skip, m, e0, e1);
+                              acc_t* e1, acc_t* sum = nullptr) {
+    return sample_energies<in_t, acc_t>(h, tokens, dim, skip, m, e0, e1, sum);
   }
   static void grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row, acc_t d0,
-                   acc_t d1, bool /*stream*/) {
-    write_grad<in_t, acc_t>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
+                   acc_t d1, bool /*stream*/, bool shifted = false, acc_t shift = acc_t(0)) {
+    write_grad<in_t, acc_t>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1, shifted, shift);
   }
 };
 
 FFKERN_CLONES const void* energies_f32(const float* h, int64_t tokens, int64_t dim, int64_t skip, float* m, float* e0,
-                                       float* e1) {
-  return sample_energies<float, float>(h, tokens, dim, skip, m, e0, e1);
+                                       float* e1, float* sum) {
+  return sample_energies<float, float>(h, tokens, dim, skip, m, e0, e1, sum);
 }
 FFKERN_CLONES void grad_f32(float* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row,
-                            float d0, float d1) {
-  write_grad<float, float>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
+                            float d0, float d1, bool shifted, float shift) {
+  write_grad<float, float>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1, shifted, shift);
 }
 template <>
 struct Sample<float, float> {
   static const void* energies(const float* h, int64_t tokens, int64_t dim, int64_t skip, float* m, float* e0,
-                              float* e1) {
-    return energies_f32(h, tokens, dim, skip, m, e0, e1);
+                              float* e1, float* sum = nullptr) {
+    return energies_f32(h, tokens, dim, skip, m, e0, e1, sum);
   }
   static void grad(float* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row, float d0,
-                   float d1, bool stream) {
+                   float d1, bool stream, bool shifted = false, float shift = 0.0f) {
     if (stream) {
-      write_grad_streamed(dh, tokens, dim, skip, static_cast<const float*>(mean), d0, d1);
+      write_grad_streamed(dh, tokens, dim, skip, static_cast<const float*>(mean), d0, d1, shifted, shift);
     } else {
-      grad_f32(dh, tokens, dim, skip, mean, mean_is_row, d0, d1);
+      grad_f32(dh, tokens, dim, skip, mean, mean_is_row, d0, d1, shifted, shift);
     }
   }
 };
@@ -243,44 +318,94 @@ at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, 
   return dh;
 }
 
-at::Tensor pair_loss(const at::Tensor& hp_in, const at::Tensor& hn_in, std::string loss_name, double param,
-                     std::string kind, int64_t skip_tokens) {
+// SFFA's activity term applies to SFFA only (ffkern.reference.sffa_loss).
+void check_activity(bool activity_term, int loss, const std::string& loss_name) {
+  TORCH_CHECK(!activity_term || loss == kLossSFFA, "activity_term is SFFA's factor: it needs loss 'sffa', got '",
+              loss_name, "'");
+}
+
+// Returns (L, activity): L the 0-dim loss (L_S A with the activity term), activity = (L_S, A) [2] for
+// the backward with the term, an empty tensor without it.
+std::tuple<at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, const at::Tensor& hn_in,
+                                                   std::string loss_name, double param, std::string kind,
+                                                   int64_t skip_tokens, bool activity_term) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
+  check_activity(activity_term, loss, loss_name);
   const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
   const at::ScalarType ct = compute_type(hp.scalar_type());
   at::Tensor out = at::empty({}, hp.options().dtype(ct));
+  at::Tensor activity = at::empty({activity_term ? 2 : 0}, hp.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hp.scalar_type(), "ffkern_pair_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = hp.data_ptr<scalar_t>();
     const scalar_t* np = hn.data_ptr<scalar_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
-    std::vector<acc_t> terms(s.batch);
+    // per sample: the loss term, and with the activity term the sums of the token means of h+, h-
+    const int64_t per = activity_term ? 3 : 1;
+    std::vector<acc_t> terms(s.batch * per);
     at::parallel_for(0, s.batch, grain_for(2 * s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> m(s.dim);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t off = b * s.tokens * s.dim;
         acc_t e0p, e1p, e0n, e1n;
-        Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0p, &e1p);
-        Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, m.data(), &e0n, &e1n);
-        terms[b] = pair_term<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n);
+        acc_t* sums = activity_term ? &terms[b * per + 1] : nullptr;
+        Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0p, &e1p, sums);
+        Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, m.data(), &e0n, &e1n,
+                                          sums == nullptr ? nullptr : sums + 1);
+        terms[b * per] = pair_term<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n);
       }
     });
-    double total = 0;  // in sample order: independent of the thread split
-    for (int64_t b = 0; b < s.batch; ++b) total += double(terms[b]);
-    out.fill_(total * pair_normalizer<double>(loss, s.batch));
+    double total = 0, sum_pos = 0, sum_neg = 0;  // in sample order: independent of the thread split
+    for (int64_t b = 0; b < s.batch; ++b) total += double(terms[b * per]);
+    const double loss_s = total * pair_normalizer<double>(loss, s.batch);
+    if (!activity_term) {
+      out.fill_(loss_s);
+      return;
+    }
+    for (int64_t b = 0; b < s.batch; ++b) {
+      sum_pos += double(terms[b * per + 1]);
+      sum_neg += double(terms[b * per + 2]);
+    }
+    // mu = sum over samples of the token means' sums / (B D): the mean of the kept entries
+    const double entries = double(s.batch) * double(s.dim);
+    const acc_t a = sffa_activity<acc_t>(acc_t((sum_pos + sum_neg) / entries));
+    acc_t* act = activity.data_ptr<acc_t>();
+    act[0] = acc_t(loss_s);
+    act[1] = a;
+    out.fill_(acc_t(loss_s) * a);
   });
+  return {out, activity};
+}
+
+// (L_S, A) from pair_loss_fused's activity output, when given (as doubles; has = false without it).
+struct Activity {
+  bool has = false;
+  double loss_s = 0, a = 1;
+};
+
+Activity read_activity(const std::optional<at::Tensor>& activity, int loss, const std::string& loss_name) {
+  Activity out;
+  if (!activity.has_value() || !activity->defined()) return out;
+  TORCH_CHECK(activity->numel() == 2, "activity must hold (L_S, A), 2 values, got shape ", activity->sizes());
+  check_activity(true, loss, loss_name);
+  const at::Tensor v = activity->detach().to(at::kDouble).cpu();
+  out.has = true;
+  out.loss_s = v.data_ptr<double>()[0];
+  out.a = v.data_ptr<double>()[1];
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in, const at::Tensor& hp_in,
                                                       const at::Tensor& hn_in, std::string loss_name, double param,
-                                                      std::string kind, int64_t skip_tokens) {
+                                                      std::string kind, int64_t skip_tokens,
+                                                      const std::optional<at::Tensor>& activity_in) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
   TORCH_CHECK(grad_in.numel() == 1, "grad must hold one value (the loss is a scalar), got shape ", grad_in.sizes());
+  const Activity activity = read_activity(activity_in, loss, loss_name);
   const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
   at::Tensor dhp = at::empty_like(hp), dhn = at::empty_like(hn);
   const double grad = grad_in.detach().to(at::kDouble).item<double>();
@@ -291,7 +416,11 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
     scalar_t* dpp = dhp.data_ptr<scalar_t>();
     scalar_t* dnp = dhn.data_ptr<scalar_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
-    const acc_t scale = acc_t(grad * pair_normalizer<double>(loss, s.batch));
+    // dL/dh = A dL_S/dh + L_S dA/dh: the pair gradient scaled by A, plus a constant per kept element
+    const acc_t a = acc_t(activity.a), loss_s = acc_t(activity.loss_s);
+    const acc_t scale = acc_t(grad * pair_normalizer<double>(loss, s.batch)) * a;
+    const acc_t inv_count = acc_t(1.0 / (double(s.batch) * double(s.tokens - skip_tokens) * double(s.dim)));
+    const acc_t shift = activity.has ? sffa_activity_shift<acc_t>(acc_t(grad), loss_s, a, inv_count) : acc_t(0);
     const bool stream = std::is_same_v<scalar_t, float> && stream_output(dhp.nbytes() + dhn.nbytes());
     at::parallel_for(0, s.batch, grain_for(4 * s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> mp(s.dim), mn(s.dim);
@@ -302,9 +431,9 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
         const void* mean_n = Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, mn.data(), &e0n, &e1n);
         pair_grad<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n, scale, dp, dn);
         Sample<scalar_t, acc_t>::grad(dpp + off, s.tokens, s.dim, skip_tokens, mean_p, mean_p != mp.data(), dp[0], dp[1],
-                                      stream);
+                                      stream, activity.has, shift);
         Sample<scalar_t, acc_t>::grad(dnp + off, s.tokens, s.dim, skip_tokens, mean_n, mean_n != mn.data(), dn[0], dn[1],
-                                      stream);
+                                      stream, activity.has, shift);
       }
       if (stream) store_fence();
     });
@@ -319,6 +448,6 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
 TORCH_LIBRARY_IMPL(ffkern, CPU, m) {
   m.impl("goodness", &ffkern::cpu::goodness);
   m.impl("goodness_backward", &ffkern::cpu::goodness_backward);
-  m.impl("pair_loss", &ffkern::cpu::pair_loss);
+  m.impl("pair_loss_fused", &ffkern::cpu::pair_loss_fused);
   m.impl("pair_loss_backward", &ffkern::cpu::pair_loss_backward);
 }

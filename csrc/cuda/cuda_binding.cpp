@@ -117,38 +117,58 @@ at::Tensor goodness_backward(const at::Tensor& grad, const at::Tensor& h_in, std
   return dh;
 }
 
-at::Tensor pair_loss(const at::Tensor& hp_in, const at::Tensor& hn_in, std::string loss_name, double param,
-                     std::string kind, int64_t skip_tokens) {
+// SFFA's activity term applies to SFFA only (ffkern.reference.sffa_loss).
+void check_activity(bool activity_term, int loss, const std::string& loss_name) {
+  TORCH_CHECK(!activity_term || loss == 2, "activity_term is SFFA's factor: it needs loss 'sffa', got '", loss_name,
+              "'");
+}
+
+std::tuple<at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, const at::Tensor& hn_in,
+                                                   std::string loss_name, double param, std::string kind,
+                                                   int64_t skip_tokens, bool activity_term) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
+  check_activity(activity_term, loss, loss_name);
   const c10::cuda::CUDAGuard guard(hp_in.device());
   const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
   const at::ScalarType ct = compute_type(hp.scalar_type());
   at::Tensor out = at::empty({}, hp.options().dtype(ct));
-  at::Tensor terms = at::empty({s.batch}, hp.options().dtype(ct));
+  at::Tensor activity = at::empty({activity_term ? 2 : 0}, hp.options().dtype(ct));
+  at::Tensor terms = at::empty({activity_term ? 3 : 1, s.batch}, hp.options().dtype(ct));
   check(ffkern::cuda::pair_loss(dtype_of(hp), hp.data_ptr(), hn.data_ptr(), s.batch, s.tokens, s.dim, skip_tokens,
-                                loss, param, mean, out.data_ptr(), terms.data_ptr(), stream()),
+                                loss, param, mean, out.data_ptr(), activity_term ? activity.data_ptr() : nullptr,
+                                terms.data_ptr(), stream()),
         "pair_loss");
-  return out;
+  return {out, activity};
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad, const at::Tensor& hp_in,
                                                       const at::Tensor& hn_in, std::string loss_name, double param,
-                                                      std::string kind, int64_t skip_tokens) {
+                                                      std::string kind, int64_t skip_tokens,
+                                                      const std::optional<at::Tensor>& activity_in) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
   TORCH_CHECK(grad.numel() == 1, "grad must hold one value (the loss is a scalar), got shape ", grad.sizes());
+  const bool has_activity = activity_in.has_value() && activity_in->defined();
+  if (has_activity) {
+    TORCH_CHECK(activity_in->numel() == 2, "activity must hold (L_S, A), 2 values, got shape ", activity_in->sizes());
+    TORCH_CHECK(activity_in->device() == hp_in.device(), "activity is on ", activity_in->device(),
+                " but the activations are on ", hp_in.device());
+    check_activity(true, loss, loss_name);
+  }
   const c10::cuda::CUDAGuard guard(hp_in.device());
   const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
   const at::ScalarType ct = compute_type(hp.scalar_type());
   const at::Tensor g = grad.detach().reshape({1}).to(ct).contiguous();
+  const at::Tensor activity = has_activity ? stat(*activity_in, ct) : at::Tensor();
   at::Tensor dhp = at::empty_like(hp), dhn = at::empty_like(hn);
   at::Tensor scratch = at::empty({2, s.batch, s.dim}, hp.options().dtype(ct));
   check(ffkern::cuda::pair_loss_backward(dtype_of(hp), g.data_ptr(), hp.data_ptr(), hn.data_ptr(), s.batch, s.tokens,
-                                         s.dim, skip_tokens, loss, param, mean, dhp.data_ptr(), dhn.data_ptr(),
-                                         scratch.data_ptr(), stream()),
+                                         s.dim, skip_tokens, loss, param, mean,
+                                         has_activity ? activity.data_ptr() : nullptr, dhp.data_ptr(),
+                                         dhn.data_ptr(), scratch.data_ptr(), stream()),
         "pair_loss_backward");
   return {dhp, dhn};
 }
@@ -162,6 +182,6 @@ TORCH_LIBRARY_IMPL(ffkern, CUDA, m) {
   m.impl("supcon_backward", &ffkern::cuda_binding::supcon_backward);
   m.impl("goodness", &ffkern::cuda_binding::goodness);
   m.impl("goodness_backward", &ffkern::cuda_binding::goodness_backward);
-  m.impl("pair_loss", &ffkern::cuda_binding::pair_loss);
+  m.impl("pair_loss_fused", &ffkern::cuda_binding::pair_loss_fused);
   m.impl("pair_loss_backward", &ffkern::cuda_binding::pair_loss_backward);
 }

@@ -6,7 +6,10 @@
 // the energies E0, E1 of ff_math.h. Forward reads the activations once; the per-sample loss terms
 // are summed by a second one-CTA kernel in a fixed order (bitwise reproducible, no atomics).
 // Backward reads them once and writes dL/dh; the token means go through a small scratch buffer
-// [B, D] written and read back by the same thread.
+// [B, D] written and read back by the same thread. SFFA's activity term (SPEC 2) adds one sum per
+// sample to the forward's pass (the sum of the token mean's entries) and, in the backward, the
+// factor A on the pair gradient and a constant per kept element (sffa_activity_shift), in the
+// pass that writes dh.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -47,14 +50,15 @@ struct alignas(16) Pack {
   T v[kN];
 };
 
-// Token mean of sample h [tokens, dim] (tokens skip..) into m (may be null); energies to all threads.
+// Token mean of sample h [tokens, dim] (tokens skip..) into m (may be null); energies to all threads,
+// and with sum non-null the sum of the mean's entries (SFFA's activity term) to all threads too.
 // vec: dim % Pack<T>::kN == 0 and h 16-byte aligned (then every row of every sample is).
 template <typename T, typename Acc>
 __device__ __forceinline__ void sample_energies(const T* __restrict__ h, int64_t tokens, int64_t dim, int64_t skip,
                                                 bool vec, Acc inv_count, Acc* __restrict__ m, Acc* shared, Acc* e0,
-                                                Acc* e1) {
+                                                Acc* e1, Acc* sum = nullptr) {
   const int64_t half = dim / 2;
-  Acc s0 = 0, s1 = 0;
+  Acc s0 = 0, s1 = 0, plain = 0;
   if (vec) {
     constexpr int kN = Pack<T>::kN;
     for (int64_t d0 = static_cast<int64_t>(threadIdx.x) * kN; d0 < dim; d0 += kThreads * kN) {
@@ -75,6 +79,7 @@ __device__ __forceinline__ void sample_energies(const T* __restrict__ h, int64_t
         const bool first = d0 + i < half;  // SFFA's positive half P
         s0 += first ? md * md : Acc(0);
         s1 += first ? Acc(0) : md * md;
+        plain += md;
       }
     }
   } else {
@@ -88,17 +93,26 @@ __device__ __forceinline__ void sample_energies(const T* __restrict__ h, int64_t
       const bool first = d < half;  // SFFA's positive half P
       s0 += first ? md * md : Acc(0);
       s1 += first ? Acc(0) : md * md;
+      plain += md;
     }
   }
   *e0 = block_sum(s0, shared);
   *e1 = block_sum(s1, shared);
+  if (sum != nullptr) *sum = block_sum(plain, shared);  // unused (and removed) without the term
 }
 
-// dh[t, d] = dE_half(d) * 2 m_d / T' for t >= skip, 0 before (m written by this thread, with the
-// same vec as sample_energies, so each thread reads back only what it wrote).
+// c m, or c m + k (one FMA) with SFFA's activity term.
+template <typename Acc>
+__device__ __forceinline__ Acc grad_value(Acc c, Acc m, bool shifted, Acc k) {
+  return shifted ? fma(c, m, k) : c * m;
+}
+
+// dh[t, d] = dE_half(d) * 2 m_d / T' (+ shift when shifted) for t >= skip, 0 before (m written by
+// this thread, with the same vec as sample_energies, so each thread reads back only what it wrote).
 template <typename T, typename Acc>
 __device__ __forceinline__ void write_grad(T* __restrict__ dh, const Acc* __restrict__ m, int64_t tokens,
-                                           int64_t dim, int64_t skip, bool vec, Acc inv_count, Acc d0, Acc d1) {
+                                           int64_t dim, int64_t skip, bool vec, Acc inv_count, Acc d0, Acc d1,
+                                           bool shifted = false, Acc shift = Acc(0)) {
   const int64_t half = dim / 2;
   const Acc c0 = Acc(2) * d0 * inv_count, c1 = Acc(2) * d1 * inv_count;
   if (vec) {
@@ -107,7 +121,7 @@ __device__ __forceinline__ void write_grad(T* __restrict__ dh, const Acc* __rest
       Pack<T> g, zero;
 #pragma unroll
       for (int i = 0; i < kN; ++i) {
-        g.v[i] = acc_to<T>((f0 + i < half ? c0 : c1) * m[f0 + i]);
+        g.v[i] = acc_to<T>(grad_value(f0 + i < half ? c0 : c1, m[f0 + i], shifted, shift));
         zero.v[i] = acc_to<T>(Acc(0));
       }
       T* p = dh + f0;
@@ -117,7 +131,7 @@ __device__ __forceinline__ void write_grad(T* __restrict__ dh, const Acc* __rest
     }
   } else {
     for (int64_t d = threadIdx.x; d < dim; d += kThreads) {
-      const T g = acc_to<T>((d < half ? c0 : c1) * m[d]);
+      const T g = acc_to<T>(grad_value(d < half ? c0 : c1, m[d], shifted, shift));
       T* p = dh + d;
       for (int64_t t = 0; t < skip; ++t, p += dim) *p = acc_to<T>(Acc(0));
 #pragma unroll 2
@@ -155,30 +169,58 @@ __global__ void __launch_bounds__(kThreads)
   write_grad<T, Acc>(dh + b * tokens * dim, m, tokens, dim, skip, vec, inv_count, de, de);
 }
 
-template <typename T>
+// terms[b] = sample b's loss term; with the activity term also terms[B + b], terms[2B + b] = the sums
+// of the token means of h+ and h- (the two instantiations keep the plain kernel as it was).
+template <typename T, bool kActivity>
 __global__ void __launch_bounds__(kThreads)
-    pair_terms_kernel(const T* __restrict__ hp, const T* __restrict__ hn, int64_t tokens, int64_t dim, int64_t skip,
-                      int loss, typename AccOf<T>::type param, typename AccOf<T>::type inv_count,
-                    typename AccOf<T>::type gscale, bool vec,
-                      typename AccOf<T>::type* __restrict__ terms) {
+    pair_terms_kernel(const T* __restrict__ hp, const T* __restrict__ hn, int64_t batch, int64_t tokens, int64_t dim,
+                      int64_t skip, int loss, typename AccOf<T>::type param, typename AccOf<T>::type inv_count,
+                      typename AccOf<T>::type gscale, bool vec, typename AccOf<T>::type* __restrict__ terms) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc shared[32];
   const int64_t b = blockIdx.x, off = b * tokens * dim;
-  Acc e0p, e1p, e0n, e1n;
-  sample_energies<T, Acc>(hp + off, tokens, dim, skip, vec, inv_count, nullptr, shared, &e0p, &e1p);
-  sample_energies<T, Acc>(hn + off, tokens, dim, skip, vec, inv_count, nullptr, shared, &e0n, &e1n);
-  if (threadIdx.x == 0) terms[b] = pair_term<Acc>(loss, param, gscale, e0p, e1p, e0n, e1n);
+  Acc e0p, e1p, e0n, e1n, sp, sn;
+  sample_energies<T, Acc>(hp + off, tokens, dim, skip, vec, inv_count, nullptr, shared, &e0p, &e1p,
+                          kActivity ? &sp : nullptr);
+  sample_energies<T, Acc>(hn + off, tokens, dim, skip, vec, inv_count, nullptr, shared, &e0n, &e1n,
+                          kActivity ? &sn : nullptr);
+  if (threadIdx.x == 0) {
+    terms[b] = pair_term<Acc>(loss, param, gscale, e0p, e1p, e0n, e1n);
+    if (kActivity) {
+      terms[batch + b] = sp;
+      terms[2 * batch + b] = sn;
+    }
+  }
 }
 
-// out[0] = normalizer * sum_b terms[b]: one CTA, each thread a fixed strided subset, then block_sum.
+// out[0] = normalizer * sum_b terms[b] = L_S: one CTA, each thread a fixed strided subset, then
+// block_sum. With activity non-null: mu+ + mu- = (sum of terms[B..3B)) * inv_entries (1 / (B D): the
+// token means' sums over B samples of D entries), A = sffa_activity, out[0] = L_S A and
+// activity = (L_S, A) for the backward.
 template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
-    sum_terms_kernel(const Acc* __restrict__ terms, int64_t batch, Acc normalizer, Acc* __restrict__ out) {
+    sum_terms_kernel(const Acc* __restrict__ terms, int64_t batch, Acc normalizer, Acc inv_entries,
+                     Acc* __restrict__ out, Acc* __restrict__ activity) {
   __shared__ Acc shared[32];
   Acc acc = 0;
   for (int64_t b = threadIdx.x; b < batch; b += kThreads) acc += terms[b];
-  const Acc total = block_sum(acc, shared);
-  if (threadIdx.x == 0) out[0] = total * normalizer;
+  const Acc loss_s = block_sum(acc, shared) * normalizer;
+  if (activity == nullptr) {
+    if (threadIdx.x == 0) out[0] = loss_s;
+    return;
+  }
+  Acc sp = 0, sn = 0;
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
+    sp += terms[batch + b];
+    sn += terms[2 * batch + b];
+  }
+  const Acc mu = (block_sum(sp, shared) + block_sum(sn, shared)) * inv_entries;
+  if (threadIdx.x == 0) {
+    const Acc a = sffa_activity<Acc>(mu);
+    out[0] = loss_s * a;
+    activity[0] = loss_s;
+    activity[1] = a;
+  }
 }
 
 template <typename T>
@@ -187,9 +229,8 @@ __global__ void __launch_bounds__(kThreads)
                          const T* __restrict__ hn, int64_t batch, int64_t tokens, int64_t dim, int64_t skip, int loss,
                          typename AccOf<T>::type param, typename AccOf<T>::type inv_count,
                          typename AccOf<T>::type gscale, typename AccOf<T>::type normalizer, bool vec,
-                         T* __restrict__ dhp,
-                         T* __restrict__ dhn,
-                         typename AccOf<T>::type* __restrict__ scratch) {
+                         const typename AccOf<T>::type* __restrict__ activity, typename AccOf<T>::type inv_kept,
+                         T* __restrict__ dhp, T* __restrict__ dhn, typename AccOf<T>::type* __restrict__ scratch) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc shared[32];
   const int64_t b = blockIdx.x, off = b * tokens * dim;
@@ -198,11 +239,15 @@ __global__ void __launch_bounds__(kThreads)
   Acc e0p, e1p, e0n, e1n;
   sample_energies<T, Acc>(hp + off, tokens, dim, skip, vec, inv_count, mp, shared, &e0p, &e1p);
   sample_energies<T, Acc>(hn + off, tokens, dim, skip, vec, inv_count, mn, shared, &e0n, &e1n);
-  const Acc scale = grad[0] * normalizer;
+  // with SFFA's activity term (activity = (L_S, A)): dL/dh = A dL_S/dh + a constant per kept element
+  const bool shifted = activity != nullptr;
+  const Acc a = shifted ? activity[1] : Acc(1);
+  const Acc shift = shifted ? sffa_activity_shift<Acc>(grad[0], activity[0], a, inv_kept) : Acc(0);
+  const Acc scale = grad[0] * normalizer * a;
   Acc dp[2], dn[2];
   pair_grad<Acc>(loss, param, gscale, e0p, e1p, e0n, e1n, scale, dp, dn);
-  write_grad<T, Acc>(dhp + off, mp, tokens, dim, skip, vec, inv_count, dp[0], dp[1]);
-  write_grad<T, Acc>(dhn + off, mn, tokens, dim, skip, vec, inv_count, dn[0], dn[1]);
+  write_grad<T, Acc>(dhp + off, mp, tokens, dim, skip, vec, inv_count, dp[0], dp[1], shifted, shift);
+  write_grad<T, Acc>(dhn + off, mn, tokens, dim, skip, vec, inv_count, dn[0], dn[1], shifted, shift);
 }
 
 // Dispatch on the input dtype; f is called with a null pointer of the element type.
@@ -271,36 +316,43 @@ cudaError_t goodness_backward(DType dtype, const void* grad, const void* h, int6
 }
 
 cudaError_t pair_loss(DType dtype, const void* h_pos, const void* h_neg, int64_t batch, int64_t tokens,
-                      int64_t dim, int64_t skip, int loss, double param, bool mean, void* out, void* scratch,
-                      cudaStream_t stream) {
+                      int64_t dim, int64_t skip, int loss, double param, bool mean, void* out, void* activity,
+                      void* scratch, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename AccOf<T>::type;
-    pair_terms_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-        static_cast<const T*>(h_pos), static_cast<const T*>(h_neg), tokens, dim, skip, loss, static_cast<Acc>(param),
-        inv_tokens<Acc>(tokens, skip), dim_scale<Acc>(mean, dim), vec_ok<T>(dim, {h_pos, h_neg}),
-        static_cast<Acc*>(scratch));
+    const auto kernel = activity != nullptr ? pair_terms_kernel<T, true> : pair_terms_kernel<T, false>;
+    kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+        static_cast<const T*>(h_pos), static_cast<const T*>(h_neg), batch, tokens, dim, skip, loss,
+        static_cast<Acc>(param), inv_tokens<Acc>(tokens, skip), dim_scale<Acc>(mean, dim),
+        vec_ok<T>(dim, {h_pos, h_neg}), static_cast<Acc*>(scratch));
     cudaError_t err = launch_status();
     if (err != cudaSuccess) return err;
+    const Acc inv_entries = Acc(1.0 / (static_cast<double>(batch) * static_cast<double>(dim)));
     sum_terms_kernel<Acc><<<1, kThreads, 0, stream>>>(static_cast<const Acc*>(scratch), batch,
-                                                     pair_normalizer<Acc>(loss, batch), static_cast<Acc*>(out));
+                                                     pair_normalizer<Acc>(loss, batch), inv_entries,
+                                                     static_cast<Acc*>(out), static_cast<Acc*>(activity));
     return launch_status();
   });
 }
 
 cudaError_t pair_loss_backward(DType dtype, const void* grad, const void* h_pos, const void* h_neg, int64_t batch,
                                int64_t tokens, int64_t dim, int64_t skip, int loss, double param, bool mean,
-                               void* dh_pos, void* dh_neg, void* scratch, cudaStream_t stream) {
+                               const void* activity, void* dh_pos, void* dh_neg, void* scratch,
+                               cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename AccOf<T>::type;
+    const Acc inv_kept = Acc(1.0 / (static_cast<double>(batch) * static_cast<double>(tokens - skip) *
+                                    static_cast<double>(dim)));
     pair_backward_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
         static_cast<const Acc*>(grad), static_cast<const T*>(h_pos), static_cast<const T*>(h_neg), batch, tokens, dim,
         skip, loss, static_cast<Acc>(param), inv_tokens<Acc>(tokens, skip), dim_scale<Acc>(mean, dim),
         pair_normalizer<Acc>(loss, batch), vec_ok<T>(dim, {h_pos, h_neg, dh_pos, dh_neg}),
-        static_cast<T*>(dh_pos), static_cast<T*>(dh_neg), static_cast<Acc*>(scratch));
+        static_cast<const Acc*>(activity), inv_kept, static_cast<T*>(dh_pos), static_cast<T*>(dh_neg),
+        static_cast<Acc*>(scratch));
     return launch_status();
   });
 }

@@ -41,15 +41,19 @@ cudaError_t goodness(DType dtype, const void* h, int64_t batch, int64_t tokens, 
 cudaError_t goodness_backward(DType dtype, const void* grad, const void* h, int64_t batch, int64_t tokens,
                               int64_t dim, int64_t skip, bool mean, void* dh, void* scratch, cudaStream_t stream);
 
-// Pair loss (loss: 0 ff, 1 symba, 2 sffa; see ff_math.h) into out[0] (acc); scratch: batch acc values.
+// Pair loss (loss: 0 ff, 1 symba, 2 sffa; see ff_math.h) into out[0] (acc). activity non-null (sffa
+// with its activity term): out[0] = L_S A and activity[0..1] = (L_S, A) (acc); scratch: batch acc
+// values, 3*batch with activity.
 cudaError_t pair_loss(DType dtype, const void* h_pos, const void* h_neg, int64_t batch, int64_t tokens,
-                      int64_t dim, int64_t skip, int loss, double param, bool mean, void* out, void* scratch,
-                      cudaStream_t stream);
+                      int64_t dim, int64_t skip, int loss, double param, bool mean, void* out, void* activity,
+                      void* scratch, cudaStream_t stream);
 
-// dh_pos, dh_neg (input dtype) from the scalar grad[0] (acc); scratch: 2*batch*dim acc values.
+// dh_pos, dh_neg (input dtype) from the scalar grad[0] (acc); activity: pair_loss's (L_S, A) for the
+// loss with SFFA's activity term, null without it; scratch: 2*batch*dim acc values.
 cudaError_t pair_loss_backward(DType dtype, const void* grad, const void* h_pos, const void* h_neg, int64_t batch,
                                int64_t tokens, int64_t dim, int64_t skip, int loss, double param, bool mean,
-                               void* dh_pos, void* dh_neg, void* scratch, cudaStream_t stream);
+                               const void* activity, void* dh_pos, void* dh_neg, void* scratch,
+                               cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ffkern

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..per_class import kernel_scale
-from ..reference import normalize_rows, with_sffa_activity
+from ..reference import normalize_rows
 from . import build
 
 
@@ -52,8 +52,9 @@ class CppBackend:
 
     def pair_loss(self, loss, h_pos, h_neg, param, kind, skip_tokens, activity_term=False):
         param = 0.0 if param is None else float(param)  # sffa has no parameter
-        value = _ops().pair_loss(h_pos, h_neg, loss, param, kind, int(skip_tokens))
-        return with_sffa_activity(value, h_pos, h_neg, int(skip_tokens)) if activity_term else value
+        # SFFA's activity factor is fused into the kernels (sums in the forward's pass, its constant in
+        # the pass that writes dh)
+        return _ops().pair_loss(h_pos, h_neg, loss, param, kind, int(skip_tokens), bool(activity_term))
 
     def class_goodness(self, h, weight, bias):
         from . import per_class_ops  # the per-class operators' registrations (loads the library)

@@ -49,13 +49,15 @@ def _goodness_backward_fake(grad, h, kind, skip_tokens):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("ffkern::pair_loss")
-def _pair_loss_fake(h_pos, h_neg, loss, param, kind, skip_tokens):
-    return h_pos.new_empty((), dtype=_compute_dtype(h_pos.dtype))
+# ffkern::pair_loss is CompositeImplicitAutograd (pair_loss_fused's first output): no fake, no autograd
+@torch.library.register_fake("ffkern::pair_loss_fused")
+def _pair_loss_fused_fake(h_pos, h_neg, loss, param, kind, skip_tokens, activity_term):
+    dt = _compute_dtype(h_pos.dtype)
+    return h_pos.new_empty((), dtype=dt), h_pos.new_empty(2 if activity_term else 0, dtype=dt)
 
 
 @torch.library.register_fake("ffkern::pair_loss_backward")
-def _pair_loss_backward_fake(grad, h_pos, h_neg, loss, param, kind, skip_tokens):
+def _pair_loss_backward_fake(grad, h_pos, h_neg, loss, param, kind, skip_tokens, activity=None):
     return (torch.empty_like(h_pos, memory_format=torch.contiguous_format),
             torch.empty_like(h_neg, memory_format=torch.contiguous_format))
 
@@ -119,15 +121,17 @@ _autograd.register("goodness", _goodness_backward, setup_context=_goodness_setup
 
 
 def _pair_loss_setup(ctx, inputs, output):
-    h_pos, h_neg, loss, param, kind, skip_tokens = inputs
-    ctx.save_for_backward(h_pos, h_neg)
+    h_pos, h_neg, loss, param, kind, skip_tokens, activity_term = inputs
+    _loss, activity = output
+    ctx.mark_non_differentiable(activity)  # (L_S, A): saved for the backward, not a result
+    ctx.save_for_backward(h_pos, h_neg, activity if activity_term else None)
     ctx.options = (loss, param, kind, skip_tokens)
 
 
-def _pair_loss_backward(ctx, grad):
-    h_pos, h_neg = ctx.saved_tensors
-    d_pos, d_neg = torch.ops.ffkern.pair_loss_backward(grad, h_pos, h_neg, *ctx.options)
-    return d_pos, d_neg, None, None, None, None
+def _pair_loss_backward(ctx, grad, _grad_activity):
+    h_pos, h_neg, activity = ctx.saved_tensors
+    d_pos, d_neg = torch.ops.ffkern.pair_loss_backward(grad, h_pos, h_neg, *ctx.options, activity)
+    return d_pos, d_neg, None, None, None, None, None
 
 
-_autograd.register("pair_loss", _pair_loss_backward, setup_context=_pair_loss_setup)
+_autograd.register("pair_loss_fused", _pair_loss_backward, setup_context=_pair_loss_setup)
