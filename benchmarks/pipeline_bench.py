@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline_bench.py                      # CPU: 1 process (1 and R threads) vs R x 1 thread
     python benchmarks/pipeline_bench.py --ranks 2 --repeats 3 --out results.json -- --width 1000 --layers 4
+    python benchmarks/pipeline_bench.py --ranks 3 -- --method symba --model cnn --epochs 2 --device cpu  # conv blocks
 
 Every measurement is an ``ffkern train --pipeline`` run in fresh processes (the one-process run
 without torchrun, the R-process one under torchrun) and reads ``pipeline.stage1_s`` from its
