@@ -453,6 +453,28 @@ def test_sffa_activity_is_fused_in_the_triton_kernels(monkeypatch, backend, devi
     assert calls == [("forward", False), ("backward", False), ("backward", False)]
 
 
+@pytest.mark.parametrize("activity", [False, True])
+@pytest.mark.parametrize("backend,device", TRITON_CASES)
+def test_triton_pair_loss_operator_check(backend, device, activity):
+    """torch.library.opcheck of ffkern_triton::pair_loss with and without the activity factor
+    (schema, fake impl against the real outputs, autograd registration, AOT dispatch); the
+    factor belongs to sffa only."""
+    import ffkern.kernels  # noqa: F401 (registers the operators)
+
+    gen = torch.Generator().manual_seed(20)
+    op = torch.ops.ffkern_triton.pair_loss
+    for shape, skip in (((4, 6), 0), ((3, 4, 8), 1)):
+        hp, hn = [(torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.3).to(device).requires_grad_()
+                  for _ in range(2)]
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+        utils += ("test_aot_dispatch_dynamic",) if skip else ()  # the slow AOT-dispatch check once
+        torch.library.opcheck(op, (hp, hn, "sffa", 0.0, "mean", skip, activity), test_utils=utils)
+        _, coef, stats = op(hp, hn, "sffa", 0.0, "mean", skip, activity)
+        assert coef.shape == ((6 if activity else 4), shape[0]) and stats.shape == ((2,) if activity else (0,))
+    with pytest.raises(ValueError, match="activity"):
+        op(hp, hn, "ff", 1.0, "mean", skip, True)
+
+
 COMPILED_CASES = [c for c in BACKEND_CASES if c.values[0] != "reference"]
 
 
