@@ -13,7 +13,9 @@ process with one thread too, so both sides do the same float operations. One mor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import inspect
 import json
 import os
 import subprocess
@@ -203,7 +205,7 @@ def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
     results = world_results(world, dataset_path)
     pipe = results[0]["runs"][name]
     assert all(r["runs"][name] is None for r in results[1:]), "only rank 0 returns the metrics"
-    cfg = config(**RUNS[world][name], probe=False).resolved()  # the pipeline computes no probe (and says so)
+    cfg = config(**RUNS[world][name]).resolved()
     data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
     with predicted_state(trainer) as seen:
         seq = train(cfg, progress=False, log=lambda s: None, data=data)
@@ -223,6 +225,8 @@ def test_pipeline_equals_sequential(world, name, dataset_path, one_thread):
         assert len(rec["train_loss"]) == cfg.epochs and len(rec["valid_loss"]) == cfg.epochs
         assert all(v is not None for v in rec["train_loss"] + rec["valid_loss"])
         assert rec["train_loss"][0] != rec["train_loss"][1]
+        assert len(rec["valid_fisher"]) == cfg.epochs and all(v is not None for v in rec["valid_fisher"])
+        assert rec["probe_test_accuracy"] is not None and rec["probe_valid_fisher"] is not None
     if name.endswith("selects-early"):  # the selection had to go back: a comparison that can fail
         assert seq["selection"]["encoder"]["epoch"] == 2 < cfg.epochs - 1
         if cfg.method == "cff":
@@ -251,7 +255,7 @@ def test_refused_on_every_rank(world, dataset_path):
 
 def test_single_process_pipeline(dataset_path, one_thread):
     """Without torchrun, --pipeline runs as a pipeline of one process (no network)."""
-    cfg = config(method="sffa", width=24, layers=2, probe=False)  # the pipeline computes no probe
+    cfg = config(method="sffa", width=24, layers=2)
     data = load_npz(dataset_path, cfg.seed, cfg.valid_fraction)
     pipe = train_pipeline(cfg, progress=False, log=lambda s: None, data=data)
     seq = train(cfg, progress=False, log=lambda s: None, data=data)
@@ -275,8 +279,8 @@ def test_torchrun_end_to_end(dataset_path, tmp_path, one_thread):
     assert pipe["pipeline"]["world_size"] == 2 and pipe["pipeline"]["layers_per_rank"] == [[0, 1], [2]]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # torchrun sets OMP_NUM_THREADS=1 in its workers; the sequential run gets one thread too.
-    assert "not computed in the pipeline" in proc.stdout and pipe["config"]["probe"] is False
-    cfg = config(dataset=dataset_path, width=24, layers=3, lr=0.003, probe=False)
+    assert pipe["config"]["probe"] is True and "probe test" in proc.stdout  # the per-layer probe, in the table
+    cfg = config(dataset=dataset_path, width=24, layers=3, lr=0.003)
     seq = json.loads(json.dumps(train(cfg, progress=False, log=lambda s: None,
                                       data=load_npz(dataset_path, cfg.seed, cfg.valid_fraction))))
     seq["config"]["threads"] = pipe["config"]["threads"]  # --threads was not given to torchrun's command
@@ -320,7 +324,7 @@ def test_check_pipeline_refuses_olu_takes_conv_models():
 
 
 def test_message_plan_follows_the_trainer_order():
-    cfg = config(epochs=2, batch_size=50)
+    cfg = config(epochs=2, batch_size=50, probe=False)
     plan = message_plan(cfg, 120, 30)
     train_sizes = [len(i) for i in batches(120, 50, 0, 0)]
     valid_sizes = [len(i) for i in batches(30, valid_batch_size(cfg), 0, 0, shuffle=False)]
@@ -329,6 +333,23 @@ def test_message_plan_follows_the_trainer_order():
     assert [m.epoch for m in plan] == [0] * len(epoch) + [1] * len(epoch)
     assert [i for i, m in enumerate(plan) if m.last_of_epoch] == [len(epoch) - 1, 2 * len(epoch) - 1]
     assert all(not m.last_of_epoch for m in message_plan(cfg, 120, 0) if m.split == "valid")
+    # with the probe, each epoch ends with the clean validation set in layer_fisher's slices
+    with_probe = message_plan(dataclasses.replace(cfg, probe=True), 120, 1100)
+    fisher = [(m.epoch, m.samples, m.last_of_epoch) for m in with_probe if m.split == "fisher"]
+    assert fisher == [(e, n, n == 76) for e in (0, 1) for n in (512, 512, 76)]
+    assert [m.split for m in with_probe if m.last_of_epoch] == ["fisher", "fisher"]
+    assert not [m for m in message_plan(dataclasses.replace(cfg, probe=True), 120, 0) if m.split == "fisher"]
+
+
+def test_fisher_slices_are_layer_fishers():
+    """The pipeline cuts the Fisher pass as probe.layer_fisher (heads.layer_features) does: the
+    same slices give the same float operations."""
+    from ffkern.train.heads import layer_features
+    from ffkern.train.pipeline import FISHER_BATCH
+    from ffkern.train.probe import layer_fisher
+
+    for fn in (layer_fisher, layer_features):
+        assert inspect.signature(fn).parameters["batch_size"].default == FISHER_BATCH
 
 
 def test_cli_refuses_before_starting(capsys, monkeypatch):

@@ -14,7 +14,7 @@ streams keyed by (seed, purpose, epoch, step) (rng.py), every process builds the
 weights and objectives (models.py, conv_models.py, methods.make_objective: seeded per layer), and
 each stage sees its messages in the sequential order: the training batches of an epoch, then that
 epoch's validation batches (evaluated with the weights at the end of the epoch, as the sequential
-trainer does). A message holds the activations with the sequential run's memory layout (strides),
+trainer does), then with the probe the epoch's Fisher pass (below). A message holds the activations with the sequential run's memory layout (strides),
 so the next layer computes on the same tensor, channels-last maps included. The pipeline only
 changes when work happens.
 
@@ -28,16 +28,19 @@ EncoderSelector does.
 After stage 1 the owners broadcast each layer's state (parameters and buffers of the layer and of
 its objective), the per-layer histories are gathered on rank 0, and rank 0 evaluates (linear head,
 FF's try-every-label over the chosen layers, or sff's per-class goodness, which reads the
-objectives' weights) exactly as the sequential trainer does, and writes the metrics. The per-layer
-probe and Fisher criterion need every layer's weights after every epoch in one process, which no
-rank has: a pipeline run implies --no-probe (and says so).
+objectives' weights) exactly as the sequential trainer does, runs the per-layer linear probe on
+the selected encoder (probe.probe_encoder), and writes the metrics. The per-epoch Fisher criterion
+of each layer's clean validation features (the probe's other half) is computed by the layer's
+owner: after an epoch's validation batches the clean validation set goes through the pipeline
+too ("fisher" messages, in probe.layer_fisher's slices), and each rank keeps its layers' pooled
+features.
 
 Message protocol between rank r and r+1: once, a header of ``_HEADER_LEN`` int64 (message count,
 view groups, dtype, per-sample shape of the activations: [D] for the MLP, [T, D] for the ViT,
 [C, H, W] for the conv models; and the per-sample strides); then per message the activations
-[groups * B, ...] as their raw memory and the labels [B] (int64). B of every message is known to
-both ranks in advance from the batch plan (``message_plan``), so receives can be posted before the
-data exists.
+[groups * B, ...] as their raw memory (one group for the Fisher pass) and the labels [B] (int64).
+B of every message is known to both ranks in advance from the batch plan (``message_plan``), so
+receives can be posted before the data exists.
 """
 from __future__ import annotations
 
@@ -59,7 +62,9 @@ from ..distributed import check_group
 from .data import Dataset, batches, dataset_for
 from .layerwise import run_layers
 from .methods import LayerBatch
+from .heads import layer_features
 from .metrics import History
+from .probe import fisher_criterion, probe_encoder
 from .trainer import (EncoderSelector, TrainConfig, _progress, apply_device_options, build_augment, build_local_layers,
                       build_model, check_compatible, dataset_warnings, epoch_inputs, head_selection, layer_margins,
                       loss_postfix, per_class_backend, pick_device, predict_all, run_metrics, valid_batch_size,
@@ -70,6 +75,9 @@ _MAGIC = 0x46464B50  # "FFKP": a header from this protocol, not stray bytes
 _MAX_TAIL_DIMS = 4  # per-sample activation shape: [D] (MLP), [T, D] (ViT), [C, H, W] (conv models)
 _HEADER_LEN = 5 + 2 * _MAX_TAIL_DIMS  # magic, messages, groups, dtype, ndim, tail dims, tail strides
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# The slices of the per-epoch Fisher pass: layer_fisher's (heads.layer_features') batch size, whose
+# slices the pipeline must cut alike (tests/test_pipeline.py checks that they agree).
+FISHER_BATCH = 512
 # Config fields that may differ between ranks: they change speed, never the numbers.
 _LOCAL_FIELDS = ("threads",)
 
@@ -107,8 +115,10 @@ def check_pipeline(cfg: TrainConfig, world: int) -> None:
 
 @dataclass(frozen=True)
 class Message:
-    """One batch through the pipeline: its split ("train" updates, "valid" only evaluates),
-    epoch, number of samples B, and whether it closes its epoch (history.end_epoch)."""
+    """One batch through the pipeline: its split ("train" updates, "valid" only evaluates,
+    "fisher" is a slice of the clean validation set whose pooled features give each layer's
+    Fisher criterion), epoch, number of samples B, and whether it closes its epoch
+    (history.end_epoch)."""
 
     split: str
     epoch: int
@@ -118,11 +128,14 @@ class Message:
 
 def message_plan(cfg: TrainConfig, num_train: int, num_valid: int) -> List[Message]:
     """Every message of stage 1 in order, as the sequential trainer runs them: per epoch the
-    training batches (epoch_inputs) then the validation batches (valid_inputs)."""
+    training batches (epoch_inputs), the validation batches (valid_inputs), and with the probe
+    the clean validation set in slices of FISHER_BATCH (probe.layer_fisher's passes)."""
     plan = []
+    fisher = [("fisher", min(FISHER_BATCH, num_valid - s)) for s in range(0, num_valid, FISHER_BATCH)] if cfg.probe else []
     for epoch in range(cfg.epochs):
         sizes = [("train", len(i)) for i in batches(num_train, cfg.batch_size, cfg.seed, epoch)]
         sizes += [("valid", len(i)) for i in batches(num_valid, valid_batch_size(cfg), cfg.seed, 0, shuffle=False)]
+        sizes += fisher
         plan += [Message(split, epoch, n, k == len(sizes) - 1) for k, (split, n) in enumerate(sizes)]
     return plan
 
@@ -202,13 +215,13 @@ class Outbox:
         return torch.empty_strided(h.shape, _rows_strides(self.tail, self.strides), dtype=h.dtype,
                                    device=h.device).copy_(h)
 
-    def send(self, batch: LayerBatch) -> None:
+    def send(self, batch: LayerBatch, msg: Message) -> None:
         h, y = self._laid_out(batch.h), batch.labels.to(torch.int64).contiguous()
         if self.tail is None:
             header = self._header(h, batch.groups)
             _wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, header, self.dst, self.group)]))
         if tuple(h.shape[1:]) != self.tail or h.dtype != self.dtype or h.shape[0] != batch.groups * y.shape[0] \
-                or batch.groups != self.groups:
+                or batch.groups != _groups(msg, self.groups):
             # Every message of a stage has the shape announced in the header; anything else is a bug here.
             raise RuntimeError(f"pipeline: message of shape {list(h.shape)} {h.dtype} ({batch.groups} groups of"
                                f" {y.shape[0]} samples) does not match the header {self.tail} {self.dtype} ({self.groups} groups)")
@@ -251,20 +264,26 @@ class Inbox:
         self.posted: Dict[int, tuple] = {}
 
     def post(self, i: int) -> None:
-        b = self.plan[i].samples
-        h = torch.empty_strided((self.groups * b, *self.tail), _rows_strides(self.tail, self.strides), dtype=self.dtype,
+        b, groups = self.plan[i].samples, _groups(self.plan[i], self.groups)
+        h = torch.empty_strided((groups * b, *self.tail), _rows_strides(self.tail, self.strides), dtype=self.dtype,
                                 device=self.device)
         y = torch.empty(b, dtype=torch.int64, device=self.device)
         works = dist.batch_isend_irecv([dist.P2POp(dist.irecv, _memory(h), self.src, self.group),
                                         dist.P2POp(dist.irecv, y, self.src, self.group)])
-        self.posted[i] = (works, h, y)
+        self.posted[i] = (works, h, y, groups)
 
     def take(self, i: int) -> LayerBatch:
-        works, h, y = self.posted.pop(i)
+        works, h, y, groups = self.posted.pop(i)
         t = time.perf_counter()
         _wait(works)
         self.wait_s += time.perf_counter() - t
-        return LayerBatch(h, y, self.groups)
+        return LayerBatch(h, y, groups)
+
+
+def _groups(msg: Message, stage_groups: int) -> int:
+    """The row groups of a message: the stage's (views, or positives and negatives), but one for
+    the Fisher pass (each clean sample once, with the neutral label)."""
+    return 1 if msg.split == "fisher" else stage_groups
 
 
 def _wait(works) -> None:
@@ -329,10 +348,6 @@ def train_pipeline(config: TrainConfig = TrainConfig(), *, progress: bool = True
     this; rank 0 returns the metrics dict (the sequential run's, plus a "pipeline" entry), the
     others return None."""
     cfg = config.resolved()
-    if cfg.probe:  # each rank holds some layers only: the per-layer probe and Fisher need them all
-        log("ffkern train --pipeline: the per-layer probe and Fisher criterion are not computed in the pipeline"
-            " (--no-probe is implied)")
-        cfg = dataclasses.replace(cfg, probe=False)
     t0 = time.perf_counter()
     if group is None:  # with a group, _run checks against its size
         check_pipeline(cfg, world_size_from_env())
@@ -383,6 +398,7 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     bar = _progress(cfg.epochs, f"pipeline {cfg.method}/{cfg.model}", progress and last)  # the last stage ends last
     warned: set = set()
     selection = _Selection(cfg, layers, rank, world, pg, device)
+    fisher = _FisherPass(cfg, encoder, layers, len(data.y_valid))
     dist.barrier(group=pg)  # start the clock together: stage1_s then measures the pipeline, not process starts
     t_stage = time.perf_counter()
     if rank > 0:
@@ -397,12 +413,17 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
             batch = inbox.take(i)
             if i + 1 < len(plan):
                 inbox.post(i + 1)  # the next receive runs while this batch is computed
-        out, stats = run_layers(layers, batch, train=msg.split == "train")
-        for l, st in enumerate(stats):
-            history.add(msg.split, l, st)
+        if msg.split == "fisher":
+            out = fisher.step(batch)
+        else:
+            out, stats = run_layers(layers, batch, train=msg.split == "train")
+            for l, st in enumerate(stats):
+                history.add(msg.split, l, st)
         if outbox is not None:
-            outbox.send(out)
+            outbox.send(out, msg)
         if msg.last_of_epoch:
+            if fisher.active:
+                history.add_fisher(fisher.criteria())
             history.end_epoch()
             warn_nonfinite(history, msg.epoch, warned, lambda s: log(f"rank {rank}: {s}"), first_layer=mine[0])
             selection.end_epoch(msg.epoch, history)
@@ -431,14 +452,20 @@ def _run(cfg: TrainConfig, device: torch.device, pg, data: Optional[Dataset], pr
     chosen = EncoderSelector(cfg.select_encoder, {})  # the same rule on the gathered history: the same epoch
     for epoch in range(cfg.epochs):
         chosen.update(epoch, _HistoryAt(full, epoch))
-    result = predict_all(cfg, encoder, _Trained(every), data, torch.bfloat16 if cfg.bf16 else None)
+    autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+    result = predict_all(cfg, encoder, _Trained(every), data, autocast_dtype)
     result.pop("_head", None)
+    if cfg.probe:  # of the selected encoder, as the sequential trainer (trainer.train) does it
+        # no validation split: empty features of the right width (the probe keeps its last epoch)
+        feats = None if len(data.y_valid) else {"valid": [f[:0] for f in layer_features(encoder, data.x_train[:1])]}
+        full.set_probe(probe_encoder(encoder, data, seed=cfg.seed, autocast_dtype=autocast_dtype, features=feats))
     metrics = run_metrics(cfg, data, encoder, augment, full, result, backend_name, device, t0, log)
     metrics["warnings"] = notes
     metrics["selection"] = {"encoder": chosen.select(), "head": head_selection(result.get("head"))}
     metrics["pipeline"] = {
         "world_size": world, "layers_per_rank": owners, "process_group_backend": dist.get_backend(pg),
         "train_steps": sum(m.split == "train" for m in plan), "valid_steps": sum(m.split == "valid" for m in plan),
+        "fisher_steps": sum(m.split == "fisher" for m in plan),
         "stage1_s": max(rep["stage1_s"] for rep in reports),
         "ranks": [{k: rep[k] for k in ("rank", "layers", "stage1_s", "wait_recv_s", "wait_send_s")} for rep in reports],
     }
@@ -520,11 +547,60 @@ class _Selection:
                     module.load_state_dict(state)
 
 
+class _FisherPass:
+    """The per-epoch Fisher criterion of this rank's layers (probe.layer_fisher of the sequential
+    trainer, layer by layer): the clean validation set comes through the pipeline after each
+    epoch's validation batches, in layer_fisher's slices; each layer runs in eval mode, without
+    autocast unless --bf16, as heads.layer_features runs it, and keeps its pooled features; at the
+    epoch's end the criterion of each layer's features."""
+
+    def __init__(self, cfg: TrainConfig, encoder, layers, num_valid: int):
+        self.active = cfg.probe and num_valid > 0  # as the sequential trainer: no validation split, no criterion
+        self.encoder, self.layers = encoder, layers
+        self.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
+        self.features: List[List[torch.Tensor]] = [[] for _ in layers]
+        self.labels: List[torch.Tensor] = []
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:  # as heads.layer_features: autocast off, whatever the caller set
+            return torch.autocast(device_type=device.type, enabled=False)
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def step(self, batch: LayerBatch) -> LayerBatch:
+        h = batch.h
+        with self._autocast(h.device):
+            for l, layer in enumerate(self.layers):
+                layer.module.eval()
+                h = layer.module(h)
+                self.features[l].append(self.encoder.pool(h).float())
+        self.labels.append(batch.labels)
+        return LayerBatch(h, batch.labels, 1)
+
+    def criteria(self) -> List[float]:
+        y = torch.cat(self.labels)
+        values = [fisher_criterion(torch.cat(parts), y) for parts in self.features]
+        self.features, self.labels = [[] for _ in self.layers], []
+        return values
+
+
+def _fisher_inputs(encoder, data: Dataset) -> Iterator[LayerBatch]:
+    """The first layer's input of the Fisher pass: the clean validation set (with the neutral
+    label where the encoder takes one), sliced as heads.layer_features slices it."""
+    for start in range(0, len(data.y_valid), FISHER_BATCH):
+        h = encoder.prepare(data.x_valid[start:start + FISHER_BATCH])
+        if encoder.label_input:
+            h = encoder.embed_labels(h, None)
+        yield LayerBatch(h, data.y_valid[start:start + FISHER_BATCH], 1)
+
+
 def _first_stage_inputs(cfg: TrainConfig, encoder, data: Dataset, augment) -> Iterator[LayerBatch]:
     """Rank 0's stream: the sequential trainer's inputs in its order (message_plan's order)."""
     for epoch in range(cfg.epochs):
         yield from epoch_inputs(cfg, encoder, data, augment, epoch)
         yield from valid_inputs(cfg, encoder, data, augment)
+        if cfg.probe:
+            yield from _fisher_inputs(encoder, data)
 
 
 def _trained_modules(layer) -> List[torch.nn.Module]:
