@@ -8,7 +8,9 @@ Every measurement is an ``ffkern train --pipeline`` run in fresh processes (the 
 without torchrun, the R-process one under torchrun) and reads ``pipeline.stage1_s`` from its
 metrics: the time from a barrier that starts all ranks together until the last rank has
 processed its last batch. That time covers the training steps and the per-epoch validation
-passes, the same work in every configuration (the results are equal, see tests/test_pipeline.py);
+passes (and the per-epoch Fisher pass of the probe, which the default arguments turn off with
+--no-probe: they measure training), the same work in every configuration (the results are equal,
+see tests/test_pipeline.py);
 process start, data loading and stage 2 are outside it. A step is one training batch through all
 layers. The median of ``--repeats`` runs is reported.
 
@@ -27,7 +29,7 @@ import sys
 import tempfile
 
 DEFAULT_TRAIN_ARGS = ["--method", "cff", "--model", "mlp", "--width", "1000", "--layers", "4", "--batch-size", "256",
-                      "--epochs", "3", "--head-epochs", "1", "--device", "cpu"]
+                      "--epochs", "3", "--head-epochs", "1", "--device", "cpu", "--no-probe"]
 
 
 def _run(cmd, env) -> dict:
