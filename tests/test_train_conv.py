@@ -234,11 +234,10 @@ def test_block_channels_match_the_models_and_sffa_needs_even_ones():
         check_compatible(TrainConfig(method="symba", model="cnn").resolved(), vectors)
 
 
-def test_pipeline_refuses_olu_and_conv_models():
+def test_pipeline_refuses_olu_takes_conv_models():
     with pytest.raises(ValueError, match="olu"):
         check_pipeline(TrainConfig(method="symba", model="mlp", olu=True).resolved(), 2)
-    with pytest.raises(ValueError, match="not yet offered with --pipeline"):
-        check_pipeline(TrainConfig(method="symba", model="cnn").resolved(), 2)
+    check_pipeline(TrainConfig(method="symba", model="cnn").resolved(), 2)  # tests/test_pipeline.py: equal runs
 
 
 def test_cli_float_width_and_olu(tmp_path, capsys):
