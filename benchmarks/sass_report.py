@@ -183,12 +183,210 @@ def cuda_rows(sass_dir: Path | None, source_dir: Path | None = None):
             hot = _cuda_hot_loop(instructions, labels, base, "<double" in nice)
             if hot is not None:
                 row[hot[0]] = hot[1]
+            if source.name == "per_class_kernels.cu":
+                row["_sass"] = chunk  # for per_class_cuda_loops; dropped before the report is written
             found.append(row)
             if sass_dir is not None:
                 sass_dir.mkdir(parents=True, exist_ok=True)
                 (sass_dir / ("cuda_" + re.sub(r"[^A-Za-z0-9=.]+", "_", nice)[:80] + ".sass")).write_text(chunk)
         rows.extend(sorted(found, key=lambda r: r["kernel"]))
     return rows
+
+
+
+# ------------------------------------------------------------------ per-class goodness loss (issue 12)
+#
+# The hot loops of the per-class kernels move h through the SM once per tile, so the question is
+# whether their issue slots fit in the time HBM takes to deliver that h. Budgets per SM per clock
+# (H200: 132 SMs, 1.98 GHz boost, 4.8 TB/s): HBM 18.4 B; issue 4 warp instructions (128 thread
+# instructions); load/store unit 32 thread instructions (1 warp instruction); tensor cores at the
+# dense spec peak (mma.sync reaches less): TF32 1024, bf16/fp16 2048, fp64 139 multiply-adds.
+HBM_BYTES_PER_CLK_SM = 4.8e12 / (132 * 1.98e9)
+ISSUE_PER_CLK_SM = 128
+LSU_PER_CLK_SM = 32
+TENSOR_MACS_PER_CLK_SM = {"tf32": 1024, "16bit": 2048, "fp64": 139}
+# the per-thread multiply-adds of one MMA instruction, by its shape suffix (m n k / 32 lanes; the
+# warpgroup MMAs HGMMA.MxNxK: / 128)
+_MMA_SHAPES = {"1684": 16 * 8 * 4, "1688": 16 * 8 * 8, "16816": 16 * 8 * 16, "884": 8 * 8 * 4}
+_FLOAT_FMA = ("FFMA", "FFMA2", "HFMA2", "DFMA")
+_INTEGER = ("IMAD", "IMUL", "IADD3", "IADD", "VIADD", "LEA", "ISETP", "SHF", "LOP3", "LOP", "IMNMX", "VIMNMX", "SEL",
+            "IABS", "SGXT", "BMSK", "PRMT", "MOV", "P2R", "R2P", "PLOP3")
+
+
+def _kinds(body):
+    """Counts of one loop trip by the kind of work: tensor MMA, float FMA, MUFU.EX2, integer,
+    load/store, other; and the tensor multiply-adds per thread with their type."""
+    kinds = dict(mma=0, float_fma=0, mufu_ex2=0, integer=0, load_store=0, other=0)
+    mma_macs, mma_type, mma_ops = 0, None, set()
+    for _, op, operands in body:
+        base = op.split(".")[0]
+        pipe = _aot_pipe(op)
+        if pipe == "tensor" and base == "WARPGROUP":  # wgmma fences (arrive / wait): no math
+            kinds["other"] += 1
+        elif pipe == "tensor":
+            kinds["mma"] += 1
+            # "DMMA.16x8x16": the SASS parser stops the opcode at the lowercase x (rest in the operands)
+            full = op + (operands.split()[0] if operands.startswith("x") else "")
+            mma_ops.add(full)
+            mnk = re.search(r"\.(\d+)x(\d+)x(\d+)", full)
+            lanes = 128 if base in ("HGMMA", "QGMMA", "IGMMA") else 32  # wgmma: one warpgroup's tile
+            if mnk:
+                mma_macs += int(mnk.group(1)) * int(mnk.group(2)) * int(mnk.group(3)) / lanes
+            else:
+                shape = next((s for s in full.split(".")[1:] if s in _MMA_SHAPES), None)
+                mma_macs += _MMA_SHAPES.get(shape, 0) / 32
+            mma_type = "fp64" if base == "DMMA" else ("tf32" if "TF32" in op else "16bit")
+        elif base in _FLOAT_FMA:
+            kinds["float_fma"] += 1
+        elif op.startswith("MUFU.EX2"):
+            kinds["mufu_ex2"] += 1
+        elif base in _INTEGER:
+            kinds["integer"] += 1
+        elif pipe == "memory":
+            kinds["load_store"] += 1
+        else:
+            kinds["other"] += 1
+    return kinds, mma_macs, mma_type, sorted(mma_ops)
+
+
+def _aot_pipe(op):
+    from ffkern.kernels import _aot
+
+    return _aot.pipe_of(op)
+
+
+def _innermost_hot_loops(instructions, labels):
+    """The innermost loops holding tensor MMAs, else (SIMT kernels) those with 8 or more float FMAs
+    and a global load (h or W; the per-sample loss loops read shared memory only)."""
+    from ffkern.kernels import _aot
+
+    loops = _aot.loops(instructions, labels)
+    inner = [lp for lp in loops if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
+    bodies = [(lp, instructions[lp[0]:lp[1] + 1]) for lp in sorted(set(inner))]
+    with_mma = [(lp, b) for lp, b in bodies if any(_aot_pipe(op) == "tensor" for _, op, _ in b)]
+    if with_mma:
+        return with_mma
+    return [(lp, b) for lp, b in bodies if sum(op.split(".")[0] in _FLOAT_FMA for _, op, _ in b) >= 8
+            and any(op.startswith("LDG") for _, op, _ in b)]
+
+
+def _per_class_bound(per_element, h_bytes, mma_macs_per_element, mma_type):
+    """h elements per clock per SM that each resource allows, and the verdict (the smallest)."""
+    rates = {"HBM": HBM_BYTES_PER_CLK_SM / h_bytes,
+             "issue": ISSUE_PER_CLK_SM / max(per_element["issued"], 1e-9),
+             "load/store": LSU_PER_CLK_SM / max(per_element["load_store"], 1e-9)}
+    if mma_macs_per_element:
+        rates["tensor"] = TENSOR_MACS_PER_CLK_SM[mma_type] / mma_macs_per_element
+    bound = min(rates, key=rates.get)
+    return {k: round(v, 2) for k, v in rates.items()}, bound
+
+
+def _loop_row(body, threads, elements_per_trip, h_bytes):
+    from ffkern.kernels import _aot
+
+    kinds, mma_macs, mma_type, mma_ops = _kinds(body)
+    by_pipe = {}
+    for _, op, _ in body:
+        by_pipe[_aot.pipe_of(op)] = by_pipe.get(_aot.pipe_of(op), 0) + 1
+    scale = threads / elements_per_trip  # thread instructions per h element
+    per_element = {k: round(v * scale, 2) for k, v in kinds.items()}
+    per_element["issued"] = round(len(body) * scale, 2)
+    rates, bound = _per_class_bound(per_element, h_bytes, mma_macs * scale, mma_type)
+    return dict(instructions=len(body), by_pipe=dict(sorted(by_pipe.items())), kinds=kinds, mma_ops=mma_ops,
+                elements_per_trip=elements_per_trip, per_element=per_element,
+                elements_per_clk_sm=rates, bound=bound)
+
+
+def per_class_triton_rows(sass_dir: Path | None):
+    """Every per-class launch of kernels/per_class_goodness.py (its AOT cases: C=256 K=10 P=64, C=512
+    K=100 P=16, C=64 K=10 P=1; fp32 / bf16 / fp64, NCHW / channels-last), with its hot loops: the
+    innermost loops holding tl.dot's MMAs; one trip handles an h tile of BLOCK_C x BLOCK_P."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    from ffkern.kernels import _aot, per_class_goodness
+
+    rows = []
+    for what, launch in per_class_goodness.aot_launch_cases():
+        compiled = _aot.compile_launch(launch, CAPABILITY)
+        res = _aot.ptxas_resources(compiled, CAPABILITY)
+        text = _aot.sass_text(compiled, CAPABILITY)
+        meta = launch.meta
+        h_bytes = 8 if "float64" in what else (2 if "bfloat16" in what else 4)
+        elements = meta["BLOCK_C"] * meta["BLOCK_P"]
+        instructions, labels = _aot.parse_sass(text)
+        loops = [_loop_row(body, res.threads, elements, h_bytes) for _, body in _innermost_hot_loops(instructions, labels)]
+        rows.append(dict(kernel=what, registers=res.registers, spill_stores=res.spill_stores,
+                         spill_loads=res.spill_loads, shared=res.shared, threads=res.threads,
+                         ctas_per_sm=res.ctas_per_sm,
+                         tile={k: v for k, v in meta.items() if k in ("K_PAD", "BLOCK_C", "BLOCK_P", "ONE_C", "num_warps")},
+                         hot_loops=loops))
+        if sass_dir is not None:
+            sass_dir.mkdir(parents=True, exist_ok=True)
+            (sass_dir / (re.sub(r"[^A-Za-z0-9=.]+", "_", what) + ".sass")).write_text(text)
+    return rows
+
+
+# csrc/cuda/per_class_kernels.cu: a thread handles one h element per channel step of its loops,
+# with one 16-class chunk (kPerClassChunk) of multiply-adds on it: h elements per trip = float
+# FMAs / 16 (the dh loop of the backward: one FMA per class; counted the same way, per 16 FMAs).
+PER_CLASS_CHUNK = 16
+
+
+def per_class_cuda_loops(cuda):
+    """The hot loops of the per-class CUDA kernels from cuda_rows' SASS (kept in the rows as
+    ``_sass``): innermost loops with 8 or more float FMAs, per h element (16 FMAs)."""
+    from ffkern.kernels import _aot
+
+    out = []
+    for row in cuda:
+        if not row["kernel"].startswith("per_class_kernels.cu:") or "_sass" not in row:
+            continue
+        instructions, labels = _aot.parse_sass(row["_sass"])
+        h_bytes = 8 if "<double" in row["kernel"] else (4 if "<float" in row["kernel"] else 2)
+        loops = []
+        for _, body in _innermost_hot_loops(instructions, labels):
+            fmas = sum(op.split(".")[0] in _FLOAT_FMA for _, op, _ in body)
+            # per thread: elements per trip = fmas / 16, and threads = 1 (per-thread counts)
+            loops.append(_loop_row(body, 1, fmas / PER_CLASS_CHUNK, h_bytes))
+        out.append(dict(kernel=row["kernel"], registers=row.get("registers"), spill_stores=row.get("spill_stores"),
+                        spill_loads=row.get("spill_loads"), shared=row.get("shared"),
+                        ctas_per_sm=row.get("ctas_per_sm"), hot_loops=loops))
+    return out
+
+
+def format_per_class(rows):
+    out = [f"{'kernel':62s} {'regs':>4s} {'spill':>7s} {'smem':>6s} {'cta':>3s}  hot loop (per h element, thread "
+           f"instructions): issued | mma fma ex2 int ld/st | h elem/clk/SM by HBM, issue, ld/st, tensor -> bound"]
+    for r in rows:
+        spill = f"{r.get('spill_stores') or 0}/{r.get('spill_loads') or 0}"
+        head = (f"{r['kernel'][:62]:62s} {r.get('registers') or 0:4d} {spill:>7s} {r.get('shared') or 0:6d} "
+                f"{r.get('ctas_per_sm', '-')!s:>3s}")
+        if not r["hot_loops"]:
+            out.append(head + "  (no hot loop found)")
+        for i, lp in enumerate(r["hot_loops"]):
+            e = lp["per_element"]
+            rates = " ".join(f"{v:g}" for v in lp["elements_per_clk_sm"].values())
+            out.append(f"{head if i == 0 else ' ' * len(head)}  {e['issued']:6.1f} | {e['mma']:5.2f} {e['float_fma']:5.1f} "
+                       f"{e['mufu_ex2']:3.1f} {e['integer']:5.1f} {e['load_store']:5.1f} | {rates} -> {lp['bound']}")
+    return "\n".join(out)
+
+
+def per_class_verdicts(triton, cuda):
+    """One line per kernel family: what bounds its hot loop at the realistic shape (C=256, K=10, P=64)."""
+    lines = []
+    for r in triton + cuda:
+        realistic = "C=256 K=10 P=64" in r["kernel"] or r["kernel"].startswith("per_class_kernels.cu:")
+        if not realistic or not r["hot_loops"]:
+            continue
+        worst = min(r["hot_loops"], key=lambda lp: min(lp["elements_per_clk_sm"].values()))
+        rates = worst["elements_per_clk_sm"]
+        ratio = rates["HBM"] / rates[worst["bound"]]
+        what = (f"bandwidth-bound (HBM feeds {rates['HBM']:g} h elements/clk/SM, the smallest rate)"
+                if worst["bound"] == "HBM" else
+                f"{worst['bound']}-bound: {rates[worst['bound']]:g} h elements/clk/SM against HBM's {rates['HBM']:g}"
+                f" ({ratio:.1f}x{', i.e. about balanced' if ratio < 1.15 else ''})")
+        lines.append(f"{r['kernel']}: {what}; {worst['per_element']['issued']:.1f} issued per h element "
+                     f"({worst['per_element']['load_store']:.1f} load/store, {worst['per_element']['mma']:.2f} MMA)")
+    return lines
 
 
 def supcon_verdict(rows):
@@ -260,8 +458,11 @@ def main(argv=None):
     parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
     parser.add_argument("--cuda-only", action="store_true",
                         help="only the nvcc part, printed (report files untouched): for iterating on csrc/cuda")
+    parser.add_argument("--per-class-only", action="store_true",
+                        help="only the per-class kernels (Triton and, unless --no-cuda, nvcc), printed; with --out: "
+                             "per_class.txt and per_class.json")
     parser.add_argument("--cuda-source", type=Path, default=None,
-                        help="with --cuda-only: the folder of .cu files to compile (default csrc/cuda)")
+                        help="with --cuda-only / --per-class-only: the folder of .cu files (default csrc/cuda)")
     args = parser.parse_args(argv)
     if not _in_pinned_env():  # re-run under the GPU machines' Triton
         python = gpu_toolchain.ensure_env()
@@ -273,20 +474,37 @@ def main(argv=None):
     if args.cuda_only:
         print(format_table(cuda_rows(args.sass_dir, args.cuda_source)))
         return 0
+    if args.per_class_only:
+        pc = per_class_triton_rows(args.sass_dir)
+        pc_cuda = [] if args.no_cuda else per_class_cuda_loops(cuda_rows(args.sass_dir, args.cuda_source))
+        text = "\n".join([*per_class_verdicts(pc, pc_cuda), "", format_per_class(pc + pc_cuda)])
+        print(text)
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "per_class.txt").write_text(text + "\n")
+            (args.out / "per_class.json").write_text(json.dumps(dict(triton=pc, cuda=pc_cuda), indent=1) + "\n")
+        return 0
     rows = triton_rows(args.sass_dir)
     cuda = [] if args.no_cuda else cuda_rows(args.sass_dir)
+    pc = per_class_triton_rows(args.sass_dir)
+    pc_cuda = per_class_cuda_loops(cuda)
+    for row in cuda:
+        row.pop("_sass", None)
     nvcc_version = "" if args.no_cuda else subprocess.run(["nvcc", "--version"], capture_output=True,
                                                            text=True).stdout.strip().splitlines()[-1]
     header = (f"sm_{CAPABILITY}a static report: triton {triton.__version__}, torch {torch.__version__}"
               f"{', ' + nvcc_version if nvcc_version else ''}")
     text = "\n".join([header, "", *supcon_verdict(rows), *cuda_supcon_verdict(cuda), "", "Triton kernels",
                       format_table(rows), "",
-                      "C++/CUDA kernels (nvcc)", format_table(cuda) if cuda else "(skipped)"])
+                      "C++/CUDA kernels (nvcc)", format_table(cuda) if cuda else "(skipped)", "",
+                      "Per-class goodness loss (Triton, then C++/CUDA): hot loops per h element",
+                      *per_class_verdicts(pc, pc_cuda), format_per_class(pc + pc_cuda)])
     print(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.txt").write_text(text + "\n")
-        (args.out / "report.json").write_text(json.dumps(dict(header=header, triton=rows, cuda=cuda), indent=1) + "\n")
+        (args.out / "report.json").write_text(json.dumps(dict(header=header, triton=rows, cuda=cuda,
+                                                              per_class=dict(triton=pc, cuda=pc_cuda)), indent=1) + "\n")
     return 0
 
 
