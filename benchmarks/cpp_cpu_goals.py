@@ -10,7 +10,8 @@
       torch.mm at the kernel's tile shape, all interleaved in each repeat
   python benchmarks/cpp_cpu_goals.py ff [--log2-sizes 20 22 24] [--repeats 5] [--json FILE]
       issue 14: FF losses (goodness, ff, symba, sffa; [B, D] and [B, T, D]) fwd+bwd, cpp against
-      torch.compile and eager of the reference, and a torch copy of the same bytes
+      torch.compile and eager of the reference, and a torch copy of the same bytes; --cases
+      sffa_activity measures SFFA with its activity term (issue 12)
 
 Load: this machine is shared, so every figure records the load average before and after it and,
 where ffkern.bench.machine_load is present, the cores other processes kept busy meanwhile; a
@@ -208,6 +209,7 @@ def supcon(args):
 # ---- issue 14: FF losses -------------------------------------------------------------------------
 
 FF_CASES = ("goodness", "ff", "symba", "sffa")
+EXTRA_FF_CASES = ("sffa_activity",)  # SFFA with its activity term (--cases sffa_activity), not run by default
 TOKENS = 8  # [B, T, D] layout: T tokens of D features, skip_tokens=1 (a label token)
 FEATURES = 512
 
@@ -232,12 +234,15 @@ def ff_calls(case, layout, numel, provider):
             fn = {"ff": reference.ff_loss, "symba": reference.symba_loss}.get(case)
             if case == "sffa":
                 return lambda a, b: reference.sffa_loss(a, b, "mean", skip)
+            if case == "sffa_activity":
+                return lambda a, b: reference.sffa_loss(a, b, "mean", skip, activity_term=True)
             return lambda a, b: fn(a, b, FF_PARAMS[case], "mean", skip)
         if case == "ff":
             return lambda a, b: ffkern.ff_loss(a, b, threshold=FF_PARAMS["ff"], skip_tokens=skip, backend=backend)
         if case == "symba":
             return lambda a, b: ffkern.symba_loss(a, b, alpha=FF_PARAMS["symba"], skip_tokens=skip, backend=backend)
-        return lambda a, b: ffkern.sffa_loss(a, b, skip_tokens=skip, backend=backend)
+        return lambda a, b: ffkern.sffa_loss(a, b, skip_tokens=skip, activity_term=case == "sffa_activity",
+                                             backend=backend)
 
     inputs = (hp,) if hn is None else (hp, hn)
     if provider == "copy":
@@ -260,8 +265,17 @@ def ff_calls(case, layout, numel, provider):
         for t in inputs:
             t.grad = None
         fn(*inputs).backward()
-    # fused kernels: forward reads each input, backward reads it again and writes its gradient
-    return call, 3 * 4 * numel * len(inputs)
+    return call, fused_kernel_bytes(layout, numel) * len(inputs)
+
+
+def fused_kernel_bytes(layout, numel):
+    """Bytes the cpp kernels move per fp32 input of numel elements, fwd+bwd. [B, D]: the forward reads
+    h, the backward reads it again and writes dh (3 x 4 numel). [B, T, D]: the forward reads h and
+    writes the token means [B, D] (numel / T values), the backward reads the means and writes dh:
+    8 (1 + 1/T) numel."""
+    if layout == "BD":
+        return 3 * 4 * numel
+    return 2 * 4 * numel + 2 * 4 * (numel // TOKENS)
 
 
 def ff(args):
@@ -272,7 +286,9 @@ def ff(args):
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
     record = {"machine": machine(), "repeats": args.repeats, "tokens": TOKENS, "features": FEATURES, "figures": [],
               "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-              "bytes": "cpp/compile/eager: 3 x 4 x numel per input (forward read, backward read + write); "
+              "bytes": "cpp/compile/eager: the cpp kernels' traffic per input: BD 3 x 4 x numel (forward read, "
+                       "backward read + write), BTD 8 x (1 + 1/T) x numel (forward read h + write the token means, "
+                       "backward read the means + write dh); "
                        "copy: 2 x 4 x numel per input (clone: fresh output; copy_: preallocated)"}
     print(f"FF losses fwd+bwd, fp32, {record['machine']['threads']} threads, torch {torch.__version__}; "
           f"min of {args.repeats} interleaved repeats; GB/s = bytes the fused kernels must move / time")
@@ -331,7 +347,7 @@ def main(argv):
     f = sub.add_parser("ff")
     f.add_argument("--log2-sizes", type=int, nargs="+", default=[20, 22, 24])
     f.add_argument("--layouts", nargs="+", default=["BD", "BTD"], choices=["BD", "BTD"])
-    f.add_argument("--cases", nargs="+", default=list(FF_CASES), choices=list(FF_CASES))
+    f.add_argument("--cases", nargs="+", default=list(FF_CASES), choices=list(FF_CASES + EXTRA_FF_CASES))
     f.add_argument("--repeats", type=int, default=5)
     f.add_argument("--json")
     args = p.parse_args(argv)

@@ -40,26 +40,35 @@ TORCH_LIBRARY(ffkern, m) {
       "operand_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // FF goodness g(h) [B] of [B, D] or [B, T, D] (token mean over tokens skip_tokens..T-1);
-  // kind "mean" or "sum" over features.
+  // kind "mean" or "sum" over features. goodness_fused returns (g, token means): the means [B, D]
+  // (float32, float64 for float64) where T - skip_tokens > 1, so that the backward reads them
+  // instead of h (dh of every kept token of a sample is the same function of its mean); an empty
+  // tensor where the mean is one row of h. Its autograd is registered in Python.
+  m.def("goodness_fused(Tensor h, str kind, int skip_tokens) -> (Tensor, Tensor)");
+  // g only: goodness_fused's first output (CompositeImplicitAutograd, below).
   m.def("goodness(Tensor h, str kind, int skip_tokens) -> Tensor");
-  m.def("goodness_backward(Tensor grad, Tensor h, str kind, int skip_tokens) -> Tensor");
+  // dL/dh from grad [B]; mean: goodness_fused's token means (h is then not read; None or an empty
+  // tensor: the means are computed from h).
+  m.def("goodness_backward(Tensor grad, Tensor h, str kind, int skip_tokens, Tensor? mean=None) -> Tensor");
 
   // Pair losses, loss in {"ff", "symba", "sffa"}; param = threshold (ff), alpha (symba), unused
   // (sffa). activity_term (sffa only): SFFA's factor A = 1 + exp(-10 (mu+ + mu-)) (SPEC 2), fused:
   // the forward kernels sum the activations in the pass that computes the energies.
-  // pair_loss_fused returns (L, activity): the 0-dim loss (L_S A with the term) and (L_S, A) [2] for
-  // the backward (an empty tensor without the term); its autograd is registered in Python.
+  // pair_loss_fused returns (L, activity, means of h_pos, means of h_neg): the 0-dim loss (L_S A
+  // with the term), (L_S, A) [2] for the backward (an empty tensor without the term), and the token
+  // means as goodness_fused returns them; its autograd is registered in Python.
   m.def(
       "pair_loss_fused(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens, "
-      "bool activity_term) -> (Tensor, Tensor)");
+      "bool activity_term) -> (Tensor, Tensor, Tensor, Tensor)");
   // The 0-dim loss only: pair_loss_fused's first output (CompositeImplicitAutograd, below).
   m.def(
       "pair_loss(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens, "
       "bool activity_term=False) -> Tensor");
-  // (dL/dh_pos, dL/dh_neg); activity: pair_loss_fused's (L_S, A) for the loss with SFFA's factor.
+  // (dL/dh_pos, dL/dh_neg); activity: pair_loss_fused's (L_S, A) for the loss with SFFA's factor;
+  // mean_pos, mean_neg: its token means (as goodness_backward's mean).
   m.def(
       "pair_loss_backward(Tensor grad, Tensor h_pos, Tensor h_neg, str loss, float param, str kind, "
-      "int skip_tokens, Tensor? activity=None) -> (Tensor, Tensor)");
+      "int skip_tokens, Tensor? activity=None, Tensor? mean_pos=None, Tensor? mean_neg=None) -> (Tensor, Tensor)");
 }
 
 namespace ffkern {
@@ -85,16 +94,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> supcon_rows(const at:
   return forward.call(zq, labels, zq, labels, 0, temperature, margin);
 }
 
-// pair_loss = pair_loss_fused's loss: a composite of the op, so that autograd (registered on
-// pair_loss_fused) saves the activity output for the backward while callers keep one tensor.
-// (std::string arguments: the C++ signature the CPU and CUDA kernels register with.)
+// goodness / pair_loss = the first output of goodness_fused / pair_loss_fused: composites of those
+// ops, so that autograd (registered on the fused ops) saves their other outputs (token means, SFFA's
+// (L_S, A)) for the backward while callers keep one tensor. (std::string arguments: the C++
+// signature the CPU and CUDA kernels register with.)
+at::Tensor goodness(const at::Tensor& h, std::string kind, int64_t skip_tokens) {
+  static const auto fused = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("ffkern::goodness_fused", "")
+                                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, std::string, int64_t)>();
+  return std::get<0>(fused.call(h, kind, skip_tokens));
+}
+
 at::Tensor pair_loss(const at::Tensor& h_pos, const at::Tensor& h_neg, std::string loss, double param,
                      std::string kind, int64_t skip_tokens, bool activity_term) {
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto fused =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ffkern::pair_loss_fused", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, std::string, double,
-                                                    std::string, int64_t, bool)>();
+          .typed<Out(const at::Tensor&, const at::Tensor&, std::string, double, std::string, int64_t, bool)>();
   return std::get<0>(fused.call(h_pos, h_neg, loss, param, kind, skip_tokens, activity_term));
 }
 
@@ -102,4 +119,7 @@ at::Tensor pair_loss(const at::Tensor& h_pos, const at::Tensor& h_neg, std::stri
 }  // namespace ffkern
 
 TORCH_LIBRARY_IMPL(ffkern, CompositeExplicitAutograd, m) { m.impl("supcon_rows", &ffkern::supcon_rows); }
-TORCH_LIBRARY_IMPL(ffkern, CompositeImplicitAutograd, m) { m.impl("pair_loss", &ffkern::pair_loss); }
+TORCH_LIBRARY_IMPL(ffkern, CompositeImplicitAutograd, m) {
+  m.impl("goodness", &ffkern::goodness);
+  m.impl("pair_loss", &ffkern::pair_loss);
+}

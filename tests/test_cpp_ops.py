@@ -77,7 +77,10 @@ def op_samples(device):
         ("supcon_rows", (z.clone().requires_grad_(), y, 0.2, 0.4, None)),
         ("supcon_rows", (z.float().requires_grad_(), y, 0.2, 0.4, torch.bfloat16)),
         ("goodness", (h3.clone().requires_grad_(), "mean", 1)),
+        ("goodness_fused", (h3.clone().requires_grad_(), "mean", 1)),
+        ("goodness_fused", (h2p.clone().requires_grad_(), "sum", 0)),  # one token: no means
         ("goodness_backward", (torch.randn(3, generator=gen).to(device), h3, "sum", 1)),
+        ("goodness_backward", (torch.randn(3, generator=gen).to(device), h3, "sum", 1, h3[:, 1:].mean(1))),
         ("pair_loss", (h2p.clone().requires_grad_(), h2n.clone().requires_grad_(), "sffa", 0.0, "mean", 0)),
         ("pair_loss", (h3.clone().requires_grad_(), h3.flip(0).clone().requires_grad_(), "ff", 1.5, "sum", 1)),
         ("pair_loss", (h3.clone().requires_grad_(), h3.flip(0).clone().requires_grad_(), "sffa", 0.0, "mean", 1,
@@ -89,6 +92,8 @@ def op_samples(device):
         ("pair_loss_backward", (torch.tensor(1.5, device=device), h2p, h2n, "symba", 4.0, "mean", 0)),
         ("pair_loss_backward", (torch.tensor(1.5, device=device), h3, h3.flip(0), "sffa", 0.0, "mean", 1,
                                 torch.tensor([0.7, 1.3], device=device))),
+        ("pair_loss_backward", (torch.tensor(1.5, device=device), h3, h3.flip(0), "ff", 1.0, "mean", 2, None,
+                                h3[:, 2:].mean(1), h3.flip(0)[:, 2:].mean(1))),
     ]
 
 
@@ -203,6 +208,74 @@ def test_gradcheck_ff_losses(ops, shape, skip):
             lambda a, b: ffkern.sffa_loss(a, b, kind=kind, skip_tokens=skip, backend="cpp"), (hp, hn))
 
 
+# ---- the token means saved by the forward for the backward (issue 14) ----------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,skip", [((5, 6), 0), ((4, 3, 6), 1), ((4, 3, 6), 0), ((4, 3, 6), 2), ((3, 1, 8), 0)],
+                         ids=["BD", "BTD-skip1", "BTD", "BTD-one-kept", "BT1D"])
+def test_forward_returns_the_token_means(ops, shape, skip, dtype):
+    """goodness_fused / pair_loss_fused return the token means [B, D] (accumulation type) where a
+    sample keeps more than one token, an empty tensor where its mean is one row of h."""
+    gen = torch.Generator().manual_seed(14)
+    hp, hn = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    kept = (shape[1] if len(shape) == 3 else 1) - skip
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = hp.to(acc)[:, skip:].mean(1) if kept > 1 else hp.new_empty(0, dtype=acc)
+    g, mean = ops.goodness_fused(hp, "mean", skip)
+    assert mean.dtype == acc and mean.shape == expected.shape
+    close(mean, expected, 1e-12 if dtype == torch.float64 else 1e-6, "token means")
+    assert torch.equal(g, ops.goodness(hp, "mean", skip))
+    loss, activity, mean_p, mean_n = ops.pair_loss_fused(hp, hn, "symba", 4.0, "mean", skip, False)
+    assert activity.numel() == 0 and torch.equal(mean_p, mean) and mean_n.shape == expected.shape
+    assert torch.equal(loss, ops.pair_loss(hp, hn, "symba", 4.0, "mean", skip))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_backward_from_saved_means_does_not_read_h(ops, dtype):
+    """With the means given, the backward ops read them and never h: an h of NaNs (same shape) gives
+    the gradients of the real h; the means computed from h (none given) give them too."""
+    gen = torch.Generator().manual_seed(15)
+    hp, hn = (torch.randn(4, 5, 8, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    nan = torch.full_like(hp, float("nan"))
+    grad_b = torch.randn(4, generator=gen, dtype=torch.float64).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    _, mean = ops.goodness_fused(hp, "sum", 1)
+    expected = ops.goodness_backward(grad_b, hp, "sum", 1)
+    assert torch.equal(ops.goodness_backward(grad_b, nan, "sum", 1, mean), expected)
+    loss, activity, mp, mn = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, True)
+    grad = torch.tensor(0.75, dtype=mean.dtype)
+    expected = ops.pair_loss_backward(grad, hp, hn, "sffa", 0.0, "mean", 1, activity)
+    got = ops.pair_loss_backward(grad, nan, nan, "sffa", 0.0, "mean", 1, activity, mp, mn)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and not g[:, 0].any()
+        close(g, e, 1e-12 if dtype == torch.float64 else 1e-6, "dh from the means")
+    with pytest.raises(RuntimeError, match=r"mean_neg must be \[B, D\]"):
+        ops.pair_loss_backward(grad, hp, hn, "sffa", 0.0, "mean", 1, activity, mp, mn[:2])
+    with pytest.raises(RuntimeError, match="mean must be"):
+        ops.goodness_backward(grad_b, hp, "sum", 1, mean.to(torch.float16))
+
+
+def test_large_float32_backward_from_means_matches_reference(ops, highest_precision):
+    """The streamed-store path (gradients of 8 MiB and more) from the saved means, rows unaligned."""
+    gen = torch.Generator().manual_seed(16)
+    hp, hn = (torch.randn(120, 9, 1002, generator=gen).requires_grad_() for _ in range(2))
+    ref = [t.detach().double().requires_grad_() for t in (hp, hn)]
+    for case in ("goodness", "ff"):
+        if case == "goodness":
+            expected = (reference.goodness(ref[0], "mean", 1) * torch.arange(120.0).double()).sum()
+            got = (ffkern.ff_goodness(hp, skip_tokens=1, backend="cpp") * torch.arange(120.0)).sum()
+        else:
+            expected = reference.ff_loss(*ref, 1.0, "mean", 1)
+            got = ffkern.ff_loss(hp, hn, threshold=1.0, skip_tokens=1, backend="cpp")
+        expected.backward()
+        got.backward()
+        for t, r in zip((hp, hn), ref):
+            if r.grad is not None:
+                close(t.grad, r.grad, 1e-5, f"{case} dh")
+                assert not t.grad[:, 0].any()
+            t.grad, r.grad = None, None
+
+
 # ---- SFFA's activity term, fused into the kernels (SPEC 2) ----------------------------------------
 
 
@@ -227,11 +300,11 @@ def test_sffa_activity_is_fused(ops, monkeypatch):
 
 
 def test_sffa_activity_outputs(ops):
-    """pair_loss_fused: (L_S A, (L_S, A)) with the term, (L_S, empty) without it."""
+    """pair_loss_fused: (L_S A, (L_S, A), ...) with the term, (L_S, empty, ...) without it."""
     gen = torch.Generator().manual_seed(3)
     hp, hn = (torch.rand(5, 4, 6, generator=gen, dtype=torch.float64) * 0.3 for _ in range(2))
-    loss, activity = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, True)
-    plain, none = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, False)
+    loss, activity, _, _ = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, True)
+    plain, none, _, _ = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, False)
     assert none.numel() == 0 and activity.shape == (2,)
     a = reference.sffa_activity(hp, hn, 1)
     close(activity, torch.stack([plain, a]), 1e-12, "(L_S, A)")

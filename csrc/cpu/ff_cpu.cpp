@@ -266,40 +266,84 @@ struct Sample<float, float> {
 
 int64_t grain_for(int64_t per_sample) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, per_sample)); }
 
-at::Tensor goodness(const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
+// The token means [B, D] the forward returns for the backward (acc type): only where a sample's
+// mean is not one row of h (T' = T - skip_tokens > 1); an empty tensor otherwise, and the backward
+// then reads that row of h in place.
+at::Tensor token_mean_output(const at::Tensor& h, const TokenShape& s, int64_t skip_tokens) {
+  const bool saved = s.tokens - skip_tokens > 1;
+  return saved ? at::empty({s.batch, s.dim}, h.options().dtype(compute_type(h.scalar_type())))
+               : at::empty({0}, h.options().dtype(compute_type(h.scalar_type())));
+}
+
+// A saved token mean given to a backward op: defined and non-empty, else null (read h instead).
+const at::Tensor* saved_mean(const char* name, const std::optional<at::Tensor>& mean, const at::Tensor& h,
+                             const TokenShape& s) {
+  if (!mean.has_value() || !mean->defined() || mean->numel() == 0) return nullptr;
+  TORCH_CHECK(mean->dim() == 2 && mean->size(0) == s.batch && mean->size(1) == s.dim, name, " must be [B, D] = [",
+              s.batch, ", ", s.dim, "] (the forward's token means), got shape ", mean->sizes());
+  TORCH_CHECK(mean->scalar_type() == compute_type(h.scalar_type()), name, " must be ", compute_type(h.scalar_type()),
+              " (the accumulation type of ", h.scalar_type(), "), got ", mean->scalar_type());
+  TORCH_CHECK(mean->device() == h.device() && mean->is_contiguous(), name, " must be contiguous, on ", h.device());
+  return &*mean;
+}
+
+// One sample's energies for a backward: from its saved token mean (saved non-null: [D], acc type;
+// T' rows of dh are the same function of it) or from h. Returns the mean write_grad reads and sets
+// *is_row (the mean is a row of h, in_t).
+template <typename in_t, typename acc_t>
+FFKERN_ALWAYS_INLINE const void* backward_energies(const acc_t* saved, const in_t* h, int64_t tokens, int64_t dim,
+                                                   int64_t skip, acc_t* m, acc_t* e0, acc_t* e1, bool* is_row) {
+  if (saved != nullptr) {
+    *is_row = false;
+    return Sample<acc_t, acc_t>::energies(saved, 1, dim, 0, nullptr, e0, e1);  // read in place
+  }
+  const void* mean = Sample<in_t, acc_t>::energies(h, tokens, dim, skip, m, e0, e1);
+  *is_row = mean != m;
+  return mean;
+}
+
+// Returns (g [B], token means [B, D] or empty: token_mean_output).
+std::tuple<at::Tensor, at::Tensor> goodness_fused(const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_activations("h", h_in, skip_tokens);
   const at::Tensor h = h_in.detach().contiguous();
   at::Tensor g = at::empty({s.batch}, h.options().dtype(compute_type(h.scalar_type())));
+  at::Tensor means = token_mean_output(h, s, skip_tokens);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ffkern_goodness_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* hp = h.data_ptr<scalar_t>();
     acc_t* gp = g.data_ptr<acc_t>();
+    acc_t* mp = means.numel() ? means.data_ptr<acc_t>() : nullptr;
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
     at::parallel_for(0, s.batch, grain_for(s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
       std::vector<acc_t> m(s.dim);
       for (int64_t b = b0; b < b1; ++b) {
         acc_t e0, e1;
-        Sample<scalar_t, acc_t>::energies(hp + b * s.tokens * s.dim, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
+        acc_t* mean_b = mp != nullptr ? mp + b * s.dim : m.data();  // the mean goes straight to the output
+        Sample<scalar_t, acc_t>::energies(hp + b * s.tokens * s.dim, s.tokens, s.dim, skip_tokens, mean_b, &e0, &e1);
         gp[b] = (e0 + e1) * gscale;
       }
     });
   });
-  return g;
+  return {g, means};
 }
 
-at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
+at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, std::string kind, int64_t skip_tokens,
+                             const std::optional<at::Tensor>& mean_in) {
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_activations("h", h_in, skip_tokens);
   TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == s.batch, "grad must be [B] with B=", s.batch, ", got ",
               grad_in.sizes());
-  const at::Tensor h = h_in.detach().contiguous();
-  at::Tensor dh = at::empty_like(h);
+  const at::Tensor* saved = saved_mean("mean", mean_in, h_in, s);
+  // with the saved means h is not read: only its shape matters, so no contiguous copy of it
+  const at::Tensor h = saved != nullptr ? h_in.detach() : h_in.detach().contiguous();
+  at::Tensor dh = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "ffkern_goodness_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor grad = grad_in.detach().to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const acc_t* gr = grad.data_ptr<acc_t>();
-    const scalar_t* hp = h.data_ptr<scalar_t>();
+    const scalar_t* hp = saved != nullptr ? nullptr : h.data_ptr<scalar_t>();
+    const acc_t* sm = saved != nullptr ? saved->data_ptr<acc_t>() : nullptr;
     scalar_t* dp = dh.data_ptr<scalar_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
     const bool stream = std::is_same_v<scalar_t, float> && stream_output(dh.nbytes());
@@ -307,10 +351,13 @@ at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, 
       std::vector<acc_t> m(s.dim);
       for (int64_t b = b0; b < b1; ++b) {
         acc_t e0, e1;
+        bool is_row;
         const int64_t off = b * s.tokens * s.dim;
-        const void* mean = Sample<scalar_t, acc_t>::energies(hp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0, &e1);
+        const void* mean_b = backward_energies<scalar_t, acc_t>(sm != nullptr ? sm + b * s.dim : nullptr,
+                                                                hp + (hp != nullptr ? off : 0), s.tokens, s.dim,
+                                                                skip_tokens, m.data(), &e0, &e1, &is_row);
         const acc_t de = gr[b] * gscale;  // dL/dE = dL/dg * dg/dE for both halves
-        Sample<scalar_t, acc_t>::grad(dp + off, s.tokens, s.dim, skip_tokens, mean, mean != m.data(), de, de, stream);
+        Sample<scalar_t, acc_t>::grad(dp + off, s.tokens, s.dim, skip_tokens, mean_b, is_row, de, de, stream);
       }
       if (stream) store_fence();
     });
@@ -324,9 +371,10 @@ void check_activity(bool activity_term, int loss, const std::string& loss_name) 
               loss_name, "'");
 }
 
-// Returns (L, activity): L the 0-dim loss (L_S A with the activity term), activity = (L_S, A) [2] for
-// the backward with the term, an empty tensor without it.
-std::tuple<at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, const at::Tensor& hn_in,
+// Returns (L, activity, means of h+, means of h-): L the 0-dim loss (L_S A with the activity term),
+// activity = (L_S, A) [2] for the backward with the term (an empty tensor without it), and the token
+// means [B, D] for the backward (token_mean_output).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, const at::Tensor& hn_in,
                                                    std::string loss_name, double param, std::string kind,
                                                    int64_t skip_tokens, bool activity_term) {
   const int loss = parse_pair_loss(loss_name);
@@ -337,10 +385,13 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, cons
   const at::ScalarType ct = compute_type(hp.scalar_type());
   at::Tensor out = at::empty({}, hp.options().dtype(ct));
   at::Tensor activity = at::empty({activity_term ? 2 : 0}, hp.options().dtype(ct));
+  at::Tensor means_p = token_mean_output(hp, s, skip_tokens), means_n = token_mean_output(hn, s, skip_tokens);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hp.scalar_type(), "ffkern_pair_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = hp.data_ptr<scalar_t>();
     const scalar_t* np = hn.data_ptr<scalar_t>();
+    acc_t* mpp = means_p.numel() ? means_p.data_ptr<acc_t>() : nullptr;
+    acc_t* mnp = means_n.numel() ? means_n.data_ptr<acc_t>() : nullptr;
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
     // per sample: the loss term, and with the activity term the sums of the token means of h+, h-
     const int64_t per = activity_term ? 3 : 1;
@@ -351,8 +402,11 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, cons
         const int64_t off = b * s.tokens * s.dim;
         acc_t e0p, e1p, e0n, e1n;
         acc_t* sums = activity_term ? &terms[b * per + 1] : nullptr;
-        Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, m.data(), &e0p, &e1p, sums);
-        Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, m.data(), &e0n, &e1n,
+        // the means go straight to the outputs
+        acc_t* m_p = mpp != nullptr ? mpp + b * s.dim : m.data();
+        acc_t* m_n = mnp != nullptr ? mnp + b * s.dim : m.data();
+        Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, m_p, &e0p, &e1p, sums);
+        Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, m_n, &e0n, &e1n,
                                           sums == nullptr ? nullptr : sums + 1);
         terms[b * per] = pair_term<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n);
       }
@@ -376,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, cons
     act[1] = a;
     out.fill_(acc_t(loss_s) * a);
   });
-  return {out, activity};
+  return {out, activity, means_p, means_n};
 }
 
 // (L_S, A) from pair_loss_fused's activity output, when given (as doubles; has = false without it).
@@ -400,19 +454,28 @@ Activity read_activity(const std::optional<at::Tensor>& activity, int loss, cons
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in, const at::Tensor& hp_in,
                                                       const at::Tensor& hn_in, std::string loss_name, double param,
                                                       std::string kind, int64_t skip_tokens,
-                                                      const std::optional<at::Tensor>& activity_in) {
+                                                      const std::optional<at::Tensor>& activity_in,
+                                                      const std::optional<at::Tensor>& mean_pos,
+                                                      const std::optional<at::Tensor>& mean_neg) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
   TORCH_CHECK(grad_in.numel() == 1, "grad must hold one value (the loss is a scalar), got shape ", grad_in.sizes());
   const Activity activity = read_activity(activity_in, loss, loss_name);
-  const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
-  at::Tensor dhp = at::empty_like(hp), dhn = at::empty_like(hn);
+  const at::Tensor* saved_p = saved_mean("mean_pos", mean_pos, hp_in, s);
+  const at::Tensor* saved_n = saved_mean("mean_neg", mean_neg, hn_in, s);
+  // h is read only where its means were not saved (else only its shape matters: no contiguous copy)
+  const at::Tensor hp = saved_p != nullptr ? hp_in.detach() : hp_in.detach().contiguous();
+  const at::Tensor hn = saved_n != nullptr ? hn_in.detach() : hn_in.detach().contiguous();
+  const auto contiguous = hp.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dhp = at::empty(hp.sizes(), contiguous), dhn = at::empty(hn.sizes(), contiguous);
   const double grad = grad_in.detach().to(at::kDouble).item<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hp.scalar_type(), "ffkern_pair_loss_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* pp = hp.data_ptr<scalar_t>();
-    const scalar_t* np = hn.data_ptr<scalar_t>();
+    const scalar_t* pp = saved_p != nullptr ? nullptr : hp.data_ptr<scalar_t>();
+    const scalar_t* np = saved_n != nullptr ? nullptr : hn.data_ptr<scalar_t>();
+    const acc_t* smp = saved_p != nullptr ? saved_p->data_ptr<acc_t>() : nullptr;
+    const acc_t* smn = saved_n != nullptr ? saved_n->data_ptr<acc_t>() : nullptr;
     scalar_t* dpp = dhp.data_ptr<scalar_t>();
     scalar_t* dnp = dhn.data_ptr<scalar_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
@@ -427,13 +490,18 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t off = b * s.tokens * s.dim;
         acc_t e0p, e1p, e0n, e1n, dp[2], dn[2];
-        const void* mean_p = Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, mp.data(), &e0p, &e1p);
-        const void* mean_n = Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, mn.data(), &e0n, &e1n);
+        bool row_p, row_n;
+        const void* mean_p = backward_energies<scalar_t, acc_t>(smp != nullptr ? smp + b * s.dim : nullptr,
+                                                                pp + (pp != nullptr ? off : 0), s.tokens, s.dim,
+                                                                skip_tokens, mp.data(), &e0p, &e1p, &row_p);
+        const void* mean_n = backward_energies<scalar_t, acc_t>(smn != nullptr ? smn + b * s.dim : nullptr,
+                                                                np + (np != nullptr ? off : 0), s.tokens, s.dim,
+                                                                skip_tokens, mn.data(), &e0n, &e1n, &row_n);
         pair_grad<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n, scale, dp, dn);
-        Sample<scalar_t, acc_t>::grad(dpp + off, s.tokens, s.dim, skip_tokens, mean_p, mean_p != mp.data(), dp[0], dp[1],
-                                      stream, activity.has, shift);
-        Sample<scalar_t, acc_t>::grad(dnp + off, s.tokens, s.dim, skip_tokens, mean_n, mean_n != mn.data(), dn[0], dn[1],
-                                      stream, activity.has, shift);
+        Sample<scalar_t, acc_t>::grad(dpp + off, s.tokens, s.dim, skip_tokens, mean_p, row_p, dp[0], dp[1], stream,
+                                      activity.has, shift);
+        Sample<scalar_t, acc_t>::grad(dnp + off, s.tokens, s.dim, skip_tokens, mean_n, row_n, dn[0], dn[1], stream,
+                                      activity.has, shift);
       }
       if (stream) store_fence();
     });
@@ -446,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
 }  // namespace ffkern
 
 TORCH_LIBRARY_IMPL(ffkern, CPU, m) {
-  m.impl("goodness", &ffkern::cpu::goodness);
+  m.impl("goodness_fused", &ffkern::cpu::goodness_fused);
   m.impl("goodness_backward", &ffkern::cpu::goodness_backward);
   m.impl("pair_loss_fused", &ffkern::cpu::pair_loss_fused);
   m.impl("pair_loss_backward", &ffkern::cpu::pair_loss_backward);

@@ -89,30 +89,55 @@ at::Tensor supcon_backward(const at::Tensor& zr_in, const at::Tensor& yr_in, con
   return dz;
 }
 
-at::Tensor goodness(const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
+// The token means the forwards return for the backward: [B, D] (acc type) where T - skip > 1, an
+// empty tensor where a sample's mean is one row of h (ffkern/cpp/ops.py's fakes say the same).
+at::Tensor token_mean_output(const at::Tensor& h, const TokenShape& s, int64_t skip_tokens) {
+  const auto opts = h.options().dtype(compute_type(h.scalar_type()));
+  return s.tokens - skip_tokens > 1 ? at::empty({s.batch, s.dim}, opts) : at::empty({0}, opts);
+}
+
+// A saved token mean given to a backward op: defined and non-empty, else an undefined tensor.
+at::Tensor saved_mean(const char* name, const std::optional<at::Tensor>& mean, const at::Tensor& h,
+                      const TokenShape& s) {
+  if (!mean.has_value() || !mean->defined() || mean->numel() == 0) return at::Tensor();
+  TORCH_CHECK(mean->dim() == 2 && mean->size(0) == s.batch && mean->size(1) == s.dim, name, " must be [B, D] = [",
+              s.batch, ", ", s.dim, "] (the forward's token means), got shape ", mean->sizes());
+  TORCH_CHECK(mean->scalar_type() == compute_type(h.scalar_type()), name, " must be ", compute_type(h.scalar_type()),
+              " (the accumulation type of ", h.scalar_type(), "), got ", mean->scalar_type());
+  TORCH_CHECK(mean->device() == h.device(), name, " is on ", mean->device(), " but the activations are on ", h.device());
+  return mean->detach().contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> goodness_fused(const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_activations("h", h_in, skip_tokens);
   const c10::cuda::CUDAGuard guard(h_in.device());
   const at::Tensor h = h_in.detach().contiguous();
   at::Tensor g = at::empty({s.batch}, h.options().dtype(compute_type(h.scalar_type())));
+  at::Tensor means = token_mean_output(h, s, skip_tokens);
   check(ffkern::cuda::goodness(dtype_of(h), h.data_ptr(), s.batch, s.tokens, s.dim, skip_tokens, mean, g.data_ptr(),
-                               stream()),
+                               means.numel() ? means.data_ptr() : nullptr, stream()),
         "goodness");
-  return g;
+  return {g, means};
 }
 
-at::Tensor goodness_backward(const at::Tensor& grad, const at::Tensor& h_in, std::string kind, int64_t skip_tokens) {
+at::Tensor goodness_backward(const at::Tensor& grad, const at::Tensor& h_in, std::string kind, int64_t skip_tokens,
+                             const std::optional<at::Tensor>& mean_in) {
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_activations("h", h_in, skip_tokens);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == s.batch, "grad must be [B] with B=", s.batch, ", got ", grad.sizes());
   const c10::cuda::CUDAGuard guard(h_in.device());
-  const at::Tensor h = h_in.detach().contiguous();
+  const at::Tensor saved = saved_mean("mean", mean_in, h_in, s);
+  // with the saved means h is not read: no contiguous copy of it
+  const at::Tensor h = saved.defined() ? h_in.detach() : h_in.detach().contiguous();
   const at::ScalarType ct = compute_type(h.scalar_type());
   const at::Tensor g = stat(grad, ct);
-  at::Tensor dh = at::empty_like(h);
-  at::Tensor scratch = at::empty({s.batch, s.dim}, h.options().dtype(ct));
-  check(ffkern::cuda::goodness_backward(dtype_of(h), g.data_ptr(), h.data_ptr(), s.batch, s.tokens, s.dim,
-                                        skip_tokens, mean, dh.data_ptr(), scratch.data_ptr(), stream()),
+  at::Tensor dh = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor scratch = saved.defined() ? at::Tensor() : at::empty({s.batch, s.dim}, h.options().dtype(ct));
+  check(ffkern::cuda::goodness_backward(dtype_of(h), g.data_ptr(), saved.defined() ? nullptr : h.data_ptr(),
+                                        saved.defined() ? saved.data_ptr() : nullptr, s.batch, s.tokens, s.dim,
+                                        skip_tokens, mean, dh.data_ptr(),
+                                        scratch.defined() ? scratch.data_ptr() : nullptr, stream()),
         "goodness_backward");
   return dh;
 }
@@ -123,9 +148,11 @@ void check_activity(bool activity_term, int loss, const std::string& loss_name) 
               "'");
 }
 
-std::tuple<at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, const at::Tensor& hn_in,
-                                                   std::string loss_name, double param, std::string kind,
-                                                   int64_t skip_tokens, bool activity_term) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in,
+                                                                           const at::Tensor& hn_in,
+                                                                           std::string loss_name, double param,
+                                                                           std::string kind, int64_t skip_tokens,
+                                                                           bool activity_term) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
@@ -136,17 +163,22 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, cons
   at::Tensor out = at::empty({}, hp.options().dtype(ct));
   at::Tensor activity = at::empty({activity_term ? 2 : 0}, hp.options().dtype(ct));
   at::Tensor terms = at::empty({activity_term ? 3 : 1, s.batch}, hp.options().dtype(ct));
+  at::Tensor means_p = token_mean_output(hp, s, skip_tokens), means_n = token_mean_output(hn, s, skip_tokens);
+  const bool saved = means_p.numel() > 0;
   check(ffkern::cuda::pair_loss(dtype_of(hp), hp.data_ptr(), hn.data_ptr(), s.batch, s.tokens, s.dim, skip_tokens,
                                 loss, param, mean, out.data_ptr(), activity_term ? activity.data_ptr() : nullptr,
+                                saved ? means_p.data_ptr() : nullptr, saved ? means_n.data_ptr() : nullptr,
                                 terms.data_ptr(), stream()),
         "pair_loss");
-  return {out, activity};
+  return {out, activity, means_p, means_n};
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad, const at::Tensor& hp_in,
                                                       const at::Tensor& hn_in, std::string loss_name, double param,
                                                       std::string kind, int64_t skip_tokens,
-                                                      const std::optional<at::Tensor>& activity_in) {
+                                                      const std::optional<at::Tensor>& activity_in,
+                                                      const std::optional<at::Tensor>& mean_pos,
+                                                      const std::optional<at::Tensor>& mean_neg) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
@@ -159,16 +191,26 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad, co
     check_activity(true, loss, loss_name);
   }
   const c10::cuda::CUDAGuard guard(hp_in.device());
-  const at::Tensor hp = hp_in.detach().contiguous(), hn = hn_in.detach().contiguous();
+  const at::Tensor saved_p = saved_mean("mean_pos", mean_pos, hp_in, s);
+  const at::Tensor saved_n = saved_mean("mean_neg", mean_neg, hn_in, s);
+  TORCH_CHECK(saved_p.defined() == saved_n.defined(), "mean_pos and mean_neg must be given together (the CUDA "
+              "kernel reads both or neither)");
+  const bool saved = saved_p.defined();
+  // with the saved means h is not read: no contiguous copy of it
+  const at::Tensor hp = saved ? hp_in.detach() : hp_in.detach().contiguous();
+  const at::Tensor hn = saved ? hn_in.detach() : hn_in.detach().contiguous();
   const at::ScalarType ct = compute_type(hp.scalar_type());
   const at::Tensor g = grad.detach().reshape({1}).to(ct).contiguous();
   const at::Tensor activity = has_activity ? stat(*activity_in, ct) : at::Tensor();
-  at::Tensor dhp = at::empty_like(hp), dhn = at::empty_like(hn);
-  at::Tensor scratch = at::empty({2, s.batch, s.dim}, hp.options().dtype(ct));
-  check(ffkern::cuda::pair_loss_backward(dtype_of(hp), g.data_ptr(), hp.data_ptr(), hn.data_ptr(), s.batch, s.tokens,
-                                         s.dim, skip_tokens, loss, param, mean,
-                                         has_activity ? activity.data_ptr() : nullptr, dhp.data_ptr(),
-                                         dhn.data_ptr(), scratch.data_ptr(), stream()),
+  const auto contiguous = hp.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dhp = at::empty(hp.sizes(), contiguous), dhn = at::empty(hn.sizes(), contiguous);
+  at::Tensor scratch = saved ? at::Tensor() : at::empty({2, s.batch, s.dim}, hp.options().dtype(ct));
+  check(ffkern::cuda::pair_loss_backward(dtype_of(hp), g.data_ptr(), saved ? nullptr : hp.data_ptr(),
+                                         saved ? nullptr : hn.data_ptr(), s.batch, s.tokens, s.dim, skip_tokens, loss,
+                                         param, mean, has_activity ? activity.data_ptr() : nullptr,
+                                         saved ? saved_p.data_ptr() : nullptr, saved ? saved_n.data_ptr() : nullptr,
+                                         dhp.data_ptr(), dhn.data_ptr(), saved ? nullptr : scratch.data_ptr(),
+                                         stream()),
         "pair_loss_backward");
   return {dhp, dhn};
 }
@@ -180,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad, co
 TORCH_LIBRARY_IMPL(ffkern, CUDA, m) {
   m.impl("supcon_forward", &ffkern::cuda_binding::supcon_forward);
   m.impl("supcon_backward", &ffkern::cuda_binding::supcon_backward);
-  m.impl("goodness", &ffkern::cuda_binding::goodness);
+  m.impl("goodness_fused", &ffkern::cuda_binding::goodness_fused);
   m.impl("goodness_backward", &ffkern::cuda_binding::goodness_backward);
   m.impl("pair_loss_fused", &ffkern::cuda_binding::pair_loss_fused);
   m.impl("pair_loss_backward", &ffkern::cuda_binding::pair_loss_backward);

@@ -5,8 +5,11 @@
 // the rows are 16-byte aligned, one multiply by 1/T' per feature), and a deterministic block sum gives
 // the energies E0, E1 of ff_math.h. Forward reads the activations once; the per-sample loss terms
 // are summed by a second one-CTA kernel in a fixed order (bitwise reproducible, no atomics).
-// Backward reads them once and writes dL/dh; the token means go through a small scratch buffer
-// [B, D] written and read back by the same thread. SFFA's activity term (SPEC 2) adds one sum per
+// The forwards can write the token means [B, D] (acc type) for the backward: with them the
+// backward reads B*D values instead of h (dh of every kept token of a sample is the same function
+// of its mean) and writes dL/dh. Without them (a mean that is one row of h, or a caller that has
+// none) it reads h once more, the token means going through a small scratch buffer [B, D] written
+// and read back by the same thread. SFFA's activity term (SPEC 2) adds one sum per
 // sample to the forward's pass (the sum of the token mean's entries) and, in the backward, the
 // factor A on the pair gradient and a constant per kept element (sffa_activity_shift), in the
 // pass that writes dh.
@@ -140,31 +143,41 @@ __device__ __forceinline__ void write_grad(T* __restrict__ dh, const Acc* __rest
   }
 }
 
+// means (may be null): the token means [B, D] for the backward.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     goodness_kernel(const T* __restrict__ h, int64_t tokens, int64_t dim, int64_t skip, typename AccOf<T>::type inv_count,
-                    typename AccOf<T>::type gscale, bool vec,
-                    typename AccOf<T>::type* __restrict__ out) {
+                    typename AccOf<T>::type gscale, bool vec, typename AccOf<T>::type* __restrict__ out,
+                    typename AccOf<T>::type* __restrict__ means) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc shared[32];
   const int64_t b = blockIdx.x;
   Acc e0, e1;
-  sample_energies<T, Acc>(h + b * tokens * dim, tokens, dim, skip, vec, inv_count, nullptr, shared, &e0, &e1);
+  sample_energies<T, Acc>(h + b * tokens * dim, tokens, dim, skip, vec, inv_count,
+                          means != nullptr ? means + b * dim : nullptr, shared, &e0, &e1);
   if (threadIdx.x == 0) out[b] = (e0 + e1) * gscale;
 }
 
-template <typename T>
+// kSaved: dh from the forward's token means saved [B, D]; else from h.
+template <typename T, bool kSaved>
 __global__ void __launch_bounds__(kThreads)
     goodness_backward_kernel(const typename AccOf<T>::type* __restrict__ grad, const T* __restrict__ h,
-                             int64_t tokens, int64_t dim, int64_t skip, typename AccOf<T>::type inv_count,
-                    typename AccOf<T>::type gscale, bool vec, T* __restrict__ dh,
-                             typename AccOf<T>::type* __restrict__ scratch) {
+                             const typename AccOf<T>::type* __restrict__ saved, int64_t tokens, int64_t dim,
+                             int64_t skip, typename AccOf<T>::type inv_count, typename AccOf<T>::type gscale, bool vec,
+                             bool vec_saved, T* __restrict__ dh, typename AccOf<T>::type* __restrict__ scratch) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc shared[32];
   const int64_t b = blockIdx.x;
   Acc e0, e1;
-  Acc* m = scratch + b * dim;
-  sample_energies<T, Acc>(h + b * tokens * dim, tokens, dim, skip, vec, inv_count, m, shared, &e0, &e1);
+  const Acc* m;
+  if constexpr (kSaved) {  // the forward's token means (vec_saved: 16-byte packs of Acc apply); h unread
+    m = saved + b * dim;
+    sample_energies<Acc, Acc>(m, 1, dim, 0, vec_saved, Acc(1), nullptr, shared, &e0, &e1);
+  } else {  // from h, the mean through the scratch row (written and read back in vec's layout)
+    Acc* row = scratch + b * dim;
+    sample_energies<T, Acc>(h + b * tokens * dim, tokens, dim, skip, vec, inv_count, row, shared, &e0, &e1);
+    m = row;
+  }
   const Acc de = grad[b] * gscale;  // dL/dE, both halves
   write_grad<T, Acc>(dh + b * tokens * dim, m, tokens, dim, skip, vec, inv_count, de, de);
 }
@@ -175,15 +188,17 @@ template <typename T, bool kActivity>
 __global__ void __launch_bounds__(kThreads)
     pair_terms_kernel(const T* __restrict__ hp, const T* __restrict__ hn, int64_t batch, int64_t tokens, int64_t dim,
                       int64_t skip, int loss, typename AccOf<T>::type param, typename AccOf<T>::type inv_count,
-                      typename AccOf<T>::type gscale, bool vec, typename AccOf<T>::type* __restrict__ terms) {
+                      typename AccOf<T>::type gscale, bool vec, typename AccOf<T>::type* __restrict__ terms,
+                      typename AccOf<T>::type* __restrict__ means_p, typename AccOf<T>::type* __restrict__ means_n) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc shared[32];
   const int64_t b = blockIdx.x, off = b * tokens * dim;
   Acc e0p, e1p, e0n, e1n, sp, sn;
-  sample_energies<T, Acc>(hp + off, tokens, dim, skip, vec, inv_count, nullptr, shared, &e0p, &e1p,
-                          kActivity ? &sp : nullptr);
-  sample_energies<T, Acc>(hn + off, tokens, dim, skip, vec, inv_count, nullptr, shared, &e0n, &e1n,
-                          kActivity ? &sn : nullptr);
+  // means_p, means_n (may be null): the token means [B, D] for the backward
+  sample_energies<T, Acc>(hp + off, tokens, dim, skip, vec, inv_count, means_p != nullptr ? means_p + b * dim : nullptr,
+                          shared, &e0p, &e1p, kActivity ? &sp : nullptr);
+  sample_energies<T, Acc>(hn + off, tokens, dim, skip, vec, inv_count, means_n != nullptr ? means_n + b * dim : nullptr,
+                          shared, &e0n, &e1n, kActivity ? &sn : nullptr);
   if (threadIdx.x == 0) {
     terms[b] = pair_term<Acc>(loss, param, gscale, e0p, e1p, e0n, e1n);
     if (kActivity) {
@@ -223,22 +238,35 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
+// kSaved: from the forward's token means saved_p, saved_n [B, D] (vec_saved: 16-byte packs of Acc
+// apply to them; h unread); else from h, the means through the scratch rows (as goodness_backward).
+template <typename T, bool kSaved>
 __global__ void __launch_bounds__(kThreads)
     pair_backward_kernel(const typename AccOf<T>::type* __restrict__ grad, const T* __restrict__ hp,
-                         const T* __restrict__ hn, int64_t batch, int64_t tokens, int64_t dim, int64_t skip, int loss,
-                         typename AccOf<T>::type param, typename AccOf<T>::type inv_count,
-                         typename AccOf<T>::type gscale, typename AccOf<T>::type normalizer, bool vec,
+                         const T* __restrict__ hn, const typename AccOf<T>::type* __restrict__ saved_p,
+                         const typename AccOf<T>::type* __restrict__ saved_n, int64_t batch, int64_t tokens, int64_t dim,
+                         int64_t skip, int loss, typename AccOf<T>::type param, typename AccOf<T>::type inv_count,
+                         typename AccOf<T>::type gscale, typename AccOf<T>::type normalizer, bool vec, bool vec_saved,
                          const typename AccOf<T>::type* __restrict__ activity, typename AccOf<T>::type inv_kept,
                          T* __restrict__ dhp, T* __restrict__ dhn, typename AccOf<T>::type* __restrict__ scratch) {
   using Acc = typename AccOf<T>::type;
   __shared__ Acc shared[32];
   const int64_t b = blockIdx.x, off = b * tokens * dim;
-  Acc* mp = scratch + b * dim;
-  Acc* mn = scratch + (batch + b) * dim;
   Acc e0p, e1p, e0n, e1n;
-  sample_energies<T, Acc>(hp + off, tokens, dim, skip, vec, inv_count, mp, shared, &e0p, &e1p);
-  sample_energies<T, Acc>(hn + off, tokens, dim, skip, vec, inv_count, mn, shared, &e0n, &e1n);
+  const Acc *mp, *mn;
+  if constexpr (kSaved) {
+    mp = saved_p + b * dim;
+    mn = saved_n + b * dim;
+    sample_energies<Acc, Acc>(mp, 1, dim, 0, vec_saved, Acc(1), nullptr, shared, &e0p, &e1p);
+    sample_energies<Acc, Acc>(mn, 1, dim, 0, vec_saved, Acc(1), nullptr, shared, &e0n, &e1n);
+  } else {
+    Acc* sp = scratch + b * dim;
+    Acc* sn = scratch + (batch + b) * dim;
+    sample_energies<T, Acc>(hp + off, tokens, dim, skip, vec, inv_count, sp, shared, &e0p, &e1p);
+    sample_energies<T, Acc>(hn + off, tokens, dim, skip, vec, inv_count, sn, shared, &e0n, &e1n);
+    mp = sp;
+    mn = sn;
+  }
   // with SFFA's activity term (activity = (L_S, A)): dL/dh = A dL_S/dh + a constant per kept element
   const bool shifted = activity != nullptr;
   const Acc a = shifted ? activity[1] : Acc(1);
@@ -289,35 +317,38 @@ bool vec_ok(int64_t dim, std::initializer_list<const void*> ptrs) {
 }  // namespace
 
 cudaError_t goodness(DType dtype, const void* h, int64_t batch, int64_t tokens, int64_t dim, int64_t skip,
-                     bool mean, void* out, cudaStream_t stream) {
+                     bool mean, void* out, void* means, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename AccOf<T>::type;
     goodness_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
         static_cast<const T*>(h), tokens, dim, skip, inv_tokens<Acc>(tokens, skip), dim_scale<Acc>(mean, dim),
-        vec_ok<T>(dim, {h}), static_cast<Acc*>(out));
+        vec_ok<T>(dim, {h}), static_cast<Acc*>(out), static_cast<Acc*>(means));
     return launch_status();
   });
 }
 
-cudaError_t goodness_backward(DType dtype, const void* grad, const void* h, int64_t batch, int64_t tokens,
-                              int64_t dim, int64_t skip, bool mean, void* dh, void* scratch, cudaStream_t stream) {
+cudaError_t goodness_backward(DType dtype, const void* grad, const void* h, const void* means, int64_t batch,
+                              int64_t tokens, int64_t dim, int64_t skip, bool mean, void* dh, void* scratch,
+                              cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename AccOf<T>::type;
-    goodness_backward_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-        static_cast<const Acc*>(grad), static_cast<const T*>(h), tokens, dim, skip, inv_tokens<Acc>(tokens, skip),
-        dim_scale<Acc>(mean, dim), vec_ok<T>(dim, {h, dh}),
-        static_cast<T*>(dh), static_cast<Acc*>(scratch));
+    const bool saved = means != nullptr;
+    const auto kernel = saved ? goodness_backward_kernel<T, true> : goodness_backward_kernel<T, false>;
+    kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+        static_cast<const Acc*>(grad), static_cast<const T*>(h), static_cast<const Acc*>(means), tokens, dim, skip,
+        inv_tokens<Acc>(tokens, skip), dim_scale<Acc>(mean, dim), saved ? vec_ok<T>(dim, {dh}) : vec_ok<T>(dim, {h, dh}),
+        saved && vec_ok<Acc>(dim, {means}), static_cast<T*>(dh), static_cast<Acc*>(scratch));
     return launch_status();
   });
 }
 
 cudaError_t pair_loss(DType dtype, const void* h_pos, const void* h_neg, int64_t batch, int64_t tokens,
                       int64_t dim, int64_t skip, int loss, double param, bool mean, void* out, void* activity,
-                      void* scratch, cudaStream_t stream) {
+                      void* means_pos, void* means_neg, void* scratch, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -326,7 +357,8 @@ cudaError_t pair_loss(DType dtype, const void* h_pos, const void* h_neg, int64_t
     kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
         static_cast<const T*>(h_pos), static_cast<const T*>(h_neg), batch, tokens, dim, skip, loss,
         static_cast<Acc>(param), inv_tokens<Acc>(tokens, skip), dim_scale<Acc>(mean, dim),
-        vec_ok<T>(dim, {h_pos, h_neg}), static_cast<Acc*>(scratch));
+        vec_ok<T>(dim, {h_pos, h_neg}), static_cast<Acc*>(scratch), static_cast<Acc*>(means_pos),
+        static_cast<Acc*>(means_neg));
     cudaError_t err = launch_status();
     if (err != cudaSuccess) return err;
     const Acc inv_entries = Acc(1.0 / (static_cast<double>(batch) * static_cast<double>(dim)));
@@ -339,20 +371,24 @@ cudaError_t pair_loss(DType dtype, const void* h_pos, const void* h_neg, int64_t
 
 cudaError_t pair_loss_backward(DType dtype, const void* grad, const void* h_pos, const void* h_neg, int64_t batch,
                                int64_t tokens, int64_t dim, int64_t skip, int loss, double param, bool mean,
-                               const void* activity, void* dh_pos, void* dh_neg, void* scratch,
-                               cudaStream_t stream) {
+                               const void* activity, const void* means_pos, const void* means_neg, void* dh_pos,
+                               void* dh_neg, void* scratch, cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using Acc = typename AccOf<T>::type;
     const Acc inv_kept = Acc(1.0 / (static_cast<double>(batch) * static_cast<double>(tokens - skip) *
                                     static_cast<double>(dim)));
-    pair_backward_kernel<T><<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-        static_cast<const Acc*>(grad), static_cast<const T*>(h_pos), static_cast<const T*>(h_neg), batch, tokens, dim,
-        skip, loss, static_cast<Acc>(param), inv_tokens<Acc>(tokens, skip), dim_scale<Acc>(mean, dim),
-        pair_normalizer<Acc>(loss, batch), vec_ok<T>(dim, {h_pos, h_neg, dh_pos, dh_neg}),
-        static_cast<const Acc*>(activity), inv_kept, static_cast<T*>(dh_pos), static_cast<T*>(dh_neg),
-        static_cast<Acc*>(scratch));
+    const bool saved = means_pos != nullptr && means_neg != nullptr;  // the binding passes both or neither
+    const auto kernel = saved ? pair_backward_kernel<T, true> : pair_backward_kernel<T, false>;
+    kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
+        static_cast<const Acc*>(grad), static_cast<const T*>(h_pos), static_cast<const T*>(h_neg),
+        static_cast<const Acc*>(means_pos), static_cast<const Acc*>(means_neg), batch, tokens, dim, skip, loss,
+        static_cast<Acc>(param), inv_tokens<Acc>(tokens, skip), dim_scale<Acc>(mean, dim),
+        pair_normalizer<Acc>(loss, batch),
+        saved ? vec_ok<T>(dim, {dh_pos, dh_neg}) : vec_ok<T>(dim, {h_pos, h_neg, dh_pos, dh_neg}),
+        saved && vec_ok<Acc>(dim, {means_pos, means_neg}), static_cast<const Acc*>(activity), inv_kept,
+        static_cast<T*>(dh_pos), static_cast<T*>(dh_neg), static_cast<Acc*>(scratch));
     return launch_status();
   });
 }

@@ -33,27 +33,32 @@ cudaError_t supcon_backward(DType dtype, const void* zr, const int64_t* yr, cons
                             const void* a_r, const void* b_r, const void* lse_c, const void* a_c, const void* b_c,
                             double temperature, double margin, void* dz, void* scratch, cudaStream_t stream);
 
-// FF goodness [batch] (acc type) of h [batch, tokens, dim] over tokens skip..tokens-1.
+// FF goodness [batch] (acc type) of h [batch, tokens, dim] over tokens skip..tokens-1; means
+// non-null: the token means [batch, dim] (acc) are written there too, for the backward.
 cudaError_t goodness(DType dtype, const void* h, int64_t batch, int64_t tokens, int64_t dim, int64_t skip,
-                     bool mean, void* out, cudaStream_t stream);
+                     bool mean, void* out, void* means, cudaStream_t stream);
 
-// dh [batch, tokens, dim] (input dtype) from grad [batch] (acc); scratch: batch*dim acc values.
-cudaError_t goodness_backward(DType dtype, const void* grad, const void* h, int64_t batch, int64_t tokens,
-                              int64_t dim, int64_t skip, bool mean, void* dh, void* scratch, cudaStream_t stream);
+// dh [batch, tokens, dim] (input dtype) from grad [batch] (acc). means non-null: the forward's token
+// means (acc), h is then not read and scratch not used; else scratch: batch*dim acc values.
+cudaError_t goodness_backward(DType dtype, const void* grad, const void* h, const void* means, int64_t batch,
+                              int64_t tokens, int64_t dim, int64_t skip, bool mean, void* dh, void* scratch,
+                              cudaStream_t stream);
 
 // Pair loss (loss: 0 ff, 1 symba, 2 sffa; see ff_math.h) into out[0] (acc). activity non-null (sffa
-// with its activity term): out[0] = L_S A and activity[0..1] = (L_S, A) (acc); scratch: batch acc
-// values, 3*batch with activity.
+// with its activity term): out[0] = L_S A and activity[0..1] = (L_S, A) (acc). means_pos, means_neg
+// non-null: the token means [batch, dim] (acc) for the backward. scratch: batch acc values, 3*batch
+// with activity.
 cudaError_t pair_loss(DType dtype, const void* h_pos, const void* h_neg, int64_t batch, int64_t tokens,
                       int64_t dim, int64_t skip, int loss, double param, bool mean, void* out, void* activity,
-                      void* scratch, cudaStream_t stream);
+                      void* means_pos, void* means_neg, void* scratch, cudaStream_t stream);
 
 // dh_pos, dh_neg (input dtype) from the scalar grad[0] (acc); activity: pair_loss's (L_S, A) for the
-// loss with SFFA's activity term, null without it; scratch: 2*batch*dim acc values.
+// loss with SFFA's activity term, null without it. means_pos and means_neg both non-null: the
+// forward's token means (h unread, scratch unused); else scratch: 2*batch*dim acc values.
 cudaError_t pair_loss_backward(DType dtype, const void* grad, const void* h_pos, const void* h_neg, int64_t batch,
                                int64_t tokens, int64_t dim, int64_t skip, int loss, double param, bool mean,
-                               const void* activity, void* dh_pos, void* dh_neg, void* scratch,
-                               cudaStream_t stream);
+                               const void* activity, const void* means_pos, const void* means_neg, void* dh_pos,
+                               void* dh_neg, void* scratch, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace ffkern

@@ -39,25 +39,37 @@ def _supcon_rows_fake(z, labels, temperature, margin, operand_dtype=None):
     return _supcon_forward_fake(z, labels, z, labels, 0, temperature, margin)
 
 
-@torch.library.register_fake("ffkern::goodness")
-def _goodness_fake(h, kind, skip_tokens):
-    return h.new_empty(h.shape[0], dtype=_compute_dtype(h.dtype))
+# ffkern::goodness and ffkern::pair_loss are CompositeImplicitAutograd (the first output of
+# goodness_fused / pair_loss_fused): no fake, no autograd of their own.
+
+
+def _token_means_fake(h, skip_tokens):
+    """The fused forwards' token means: [B, D] where T - skip_tokens > 1, else empty."""
+    tokens = h.shape[1] if h.dim() == 3 else 1
+    shape = (h.shape[0], h.shape[-1]) if tokens - skip_tokens > 1 else (0,)
+    return h.new_empty(shape, dtype=_compute_dtype(h.dtype))
+
+
+@torch.library.register_fake("ffkern::goodness_fused")
+def _goodness_fused_fake(h, kind, skip_tokens):
+    return h.new_empty(h.shape[0], dtype=_compute_dtype(h.dtype)), _token_means_fake(h, skip_tokens)
 
 
 @torch.library.register_fake("ffkern::goodness_backward")
-def _goodness_backward_fake(grad, h, kind, skip_tokens):
+def _goodness_backward_fake(grad, h, kind, skip_tokens, mean=None):
     return torch.empty_like(h, memory_format=torch.contiguous_format)
 
 
-# ffkern::pair_loss is CompositeImplicitAutograd (pair_loss_fused's first output): no fake, no autograd
 @torch.library.register_fake("ffkern::pair_loss_fused")
 def _pair_loss_fused_fake(h_pos, h_neg, loss, param, kind, skip_tokens, activity_term):
     dt = _compute_dtype(h_pos.dtype)
-    return h_pos.new_empty((), dtype=dt), h_pos.new_empty(2 if activity_term else 0, dtype=dt)
+    return (h_pos.new_empty((), dtype=dt), h_pos.new_empty(2 if activity_term else 0, dtype=dt),
+            _token_means_fake(h_pos, skip_tokens), _token_means_fake(h_neg, skip_tokens))
 
 
 @torch.library.register_fake("ffkern::pair_loss_backward")
-def _pair_loss_backward_fake(grad, h_pos, h_neg, loss, param, kind, skip_tokens, activity=None):
+def _pair_loss_backward_fake(grad, h_pos, h_neg, loss, param, kind, skip_tokens, activity=None, mean_pos=None,
+                             mean_neg=None):
     return (torch.empty_like(h_pos, memory_format=torch.contiguous_format),
             torch.empty_like(h_neg, memory_format=torch.contiguous_format))
 
@@ -106,31 +118,39 @@ def _supcon_rows_backward(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
 _autograd.register("supcon_rows", _supcon_rows_backward, setup_context=_supcon_rows_setup)
 
 
+# The fused forwards' extra outputs (token means, SFFA's (L_S, A)) are saved for the backward, not
+# results: marked non-differentiable, their incoming gradients ignored. With the token means saved
+# the backward does not read h (saved for its shape only): dh of every kept token of a sample is the
+# same function of the sample's mean, so it reads B*D values and writes dh.
+
+
 def _goodness_setup(ctx, inputs, output):
     h, kind, skip_tokens = inputs
-    ctx.save_for_backward(h)
+    _g, mean = output
+    ctx.mark_non_differentiable(mean)
+    ctx.save_for_backward(h, mean)
     ctx.kind, ctx.skip_tokens = kind, skip_tokens
 
 
-def _goodness_backward(ctx, grad):
-    (h,) = ctx.saved_tensors
-    return torch.ops.ffkern.goodness_backward(grad, h, ctx.kind, ctx.skip_tokens), None, None
+def _goodness_backward(ctx, grad, _grad_mean):
+    h, mean = ctx.saved_tensors
+    return torch.ops.ffkern.goodness_backward(grad, h, ctx.kind, ctx.skip_tokens, mean), None, None
 
 
-_autograd.register("goodness", _goodness_backward, setup_context=_goodness_setup)
+_autograd.register("goodness_fused", _goodness_backward, setup_context=_goodness_setup)
 
 
 def _pair_loss_setup(ctx, inputs, output):
     h_pos, h_neg, loss, param, kind, skip_tokens, activity_term = inputs
-    _loss, activity = output
-    ctx.mark_non_differentiable(activity)  # (L_S, A): saved for the backward, not a result
-    ctx.save_for_backward(h_pos, h_neg, activity if activity_term else None)
+    _loss, activity, mean_pos, mean_neg = output
+    ctx.mark_non_differentiable(activity, mean_pos, mean_neg)
+    ctx.save_for_backward(h_pos, h_neg, activity if activity_term else None, mean_pos, mean_neg)
     ctx.options = (loss, param, kind, skip_tokens)
 
 
-def _pair_loss_backward(ctx, grad, _grad_activity):
-    h_pos, h_neg, activity = ctx.saved_tensors
-    d_pos, d_neg = torch.ops.ffkern.pair_loss_backward(grad, h_pos, h_neg, *ctx.options, activity)
+def _pair_loss_backward(ctx, grad, *_grad_saved):
+    h_pos, h_neg, activity, mean_pos, mean_neg = ctx.saved_tensors
+    d_pos, d_neg = torch.ops.ffkern.pair_loss_backward(grad, h_pos, h_neg, *ctx.options, activity, mean_pos, mean_neg)
     return d_pos, d_neg, None, None, None, None, None
 
 
