@@ -45,6 +45,9 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 TORCH_LIBRARY(ffkern_per_class, m) {
   m.set_python_module("ffkern.cpp.per_class_ops");
@@ -540,6 +543,25 @@ at::Tensor blocked_transpose(const at::Tensor& w) {
   return w.t().contiguous();
 }
 
+// A large dh is usually fresh memory (glibc maps allocations above its threshold anew on every
+// call), which the first write faults in 4 KiB at a time: for a 67 MB dh that cost more than the
+// kernel itself (~16 ms on the development VM). Asking for transparent huge pages on the
+// untouched buffer (as PyTorch's THP_MEM_ALLOC_ENABLE does for every allocation) makes those
+// faults 2 MiB each. A hint: where it is refused (or THP is off) nothing changes; memory that is
+// already mapped keeps its pages.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t(2) << 20;
+  const std::uintptr_t start = reinterpret_cast<std::uintptr_t>(t.data_ptr());
+  const std::uintptr_t bytes = static_cast<std::uintptr_t>(t.nbytes());
+  if (bytes < 4 * kHuge) return;
+  const std::uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& h_in, const at::Tensor& weight,
                                                const std::optional<at::Tensor>& bias_in, const at::Tensor* labels_in,
                                                const at::Tensor* scale_in) {
@@ -584,6 +606,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> per_class_backward(const at::Tens
                                                                   const std::optional<at::Tensor>& bias_in,
                                                                   const at::Tensor& coef_in) {
   at::Tensor dh = grad_like(h_in);
+  advise_huge_pages(dh);
   const at::Tensor h = h_in.detach().contiguous(map_format(h_in));
   const MapShape s = map_shape(h, weight, bias_in);
   const MapShape ds = map_shape(dh, weight, bias_in);
