@@ -2,7 +2,7 @@
 
   python benchmarks/per_class_cpu.py [--shapes 128x64x8 512x128x16 ...] [--dtypes fp32 bf16]
       [--layouts nchw channels_last] [--passes fwd+bwd fwd] [--no-compile] [--repeats 7]
-      [--warmups 3] [--json FILE]
+      [--warmups 3] [--reuse-freed-memory] [--json FILE]
 
 Per figure (shape B x C x H=W, K = 10 classes, dtype, layout, pass) the providers run interleaved
 within each repeat, after the warm-ups:
@@ -13,6 +13,10 @@ within each repeat, after the warm-ups:
   compile    torch.compile(fullgraph=True, dynamic=False) of the reference (unless --no-compile, or
              where compiling fails: then the failure is recorded)
 "fwd+bwd" is loss.backward() with h and W requiring grad; "fwd" the loss alone under no_grad.
+Large gradients are fresh memory on every call by default (glibc maps them anew: the page faults
+of a 67 MB dh cost ~16 ms on the development VM, for every provider alike);
+--reuse-freed-memory applies ffkern.cpu_heap.reuse_freed_cpu_memory() first (as `ffkern train`
+does on the CPU), so that the figures are the kernels' own.
 Reported: the median and the minimum over the repeats, and the speed-up of cpp over each other
 provider by the medians. The machine may be shared: every figure records the load before and
 after it and the cores other processes kept busy meanwhile (cpp_cpu_goals.load_probe, i.e.
@@ -29,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cpp_cpu_goals import dump, env, load_note, load_probe, machine, timed  # noqa: E402
 
 import ffkern  # noqa: E402
+from ffkern import cpu_heap  # noqa: E402
 from ffkern import reference  # noqa: E402
 
 CLASSES = 10
@@ -118,8 +123,12 @@ def main(argv):
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile of the reference")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmups", type=int, default=3)
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="serve large tensors from the heap (ffkern.cpu_heap): no page faults per call")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    if args.reuse_freed_memory and not cpu_heap.reuse_freed_cpu_memory():
+        raise SystemExit(f"--reuse-freed-memory: not available here ({cpu_heap.unavailable_reason()})")
     for shape in args.shapes:
         parse_shape(shape)  # a bad shape fails before any work
     if args.compile:
@@ -130,9 +139,11 @@ def main(argv):
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
     record = {"machine": machine(), "classes": CLASSES, "repeats": args.repeats, "warmups": args.warmups,
               "statistic": "median over repeats (min next to it); providers interleaved per repeat",
+              "reuse_freed_memory": args.reuse_freed_memory,
               "command": "python benchmarks/per_class_cpu.py " + " ".join(argv), "figures": []}
     print(f"per-class loss, K={CLASSES}, {record['machine']['threads']} threads, torch {torch.__version__}, "
-          f"ISA {record['machine']['isa']}; median of {args.repeats} after {args.warmups} warm-ups (ms)")
+          f"ISA {record['machine']['isa']}; median of {args.repeats} after {args.warmups} warm-ups (ms)"
+          f"{'; freed memory reused (no page faults)' if args.reuse_freed_memory else ''}")
     with load_probe(record):
         for shape in args.shapes:
             for dtype_name in args.dtypes:
