@@ -164,12 +164,6 @@ def sffa_activity(h_pos, h_neg, skip_tokens: int = 0) -> torch.Tensor:
     return 1.0 + torch.exp(-SFFA_ACTIVITY_RATE * (mean(h_pos) + mean(h_neg)))
 
 
-def with_sffa_activity(loss, h_pos, h_neg, skip_tokens: int = 0) -> torch.Tensor:
-    """loss * sffa_activity(h_pos, h_neg): the term composed in PyTorch around a backend's plain
-    SFFA value (one more read of h forward, one more elementwise add backward), in the loss's dtype."""
-    return loss * sffa_activity(h_pos, h_neg, skip_tokens).to(loss.dtype)
-
-
 def sffa_loss(h_pos, h_neg, kind: str = "mean", skip_tokens: int = 0, activity_term: bool = False):
     """SFFA (Terres-Escudero et al. 2024): -mean over the 2B values of log q(h+) and log(1 - q(h-)),
     times sffa_activity(h_pos, h_neg) when ``activity_term`` (the authors' code, SPEC 2).

@@ -414,9 +414,9 @@ TRITON_CASES = [c for c in BACKEND_CASES if c.values[0] == "triton"]
 
 @pytest.mark.parametrize("backend,device", TRITON_CASES)
 def test_sffa_activity_is_fused_in_the_triton_kernels(monkeypatch, backend, device):
-    """The triton backend takes A from its kernels' pass (no with_sffa_activity, no extra read of h
-    in PyTorch): the composing helpers raise here, and the launchers are asked for the fused
-    variant, forward once and backward once per input. (Not cpp: its fusion is another change.)"""
+    """The triton backend takes A from its kernels' pass (no composition in PyTorch, no extra read
+    of h): the composing helpers raise here, and the launchers are asked for the fused
+    variant, forward once and backward once per input. (cpp: tests/test_cpp_ops.py.)"""
     from ffkern import reference
     from ffkern.kernels import ff_goodness as FG
 
@@ -437,7 +437,6 @@ def test_sffa_activity_is_fused_in_the_triton_kernels(monkeypatch, backend, devi
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(reference, "with_sffa_activity", composed)
     monkeypatch.setattr(reference, "sffa_activity", composed)
     monkeypatch.setattr(FG, "forward", recorded(FG.forward, "forward"))
     monkeypatch.setattr(FG, "backward", recorded(FG.backward, "backward"))

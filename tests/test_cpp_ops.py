@@ -281,14 +281,10 @@ def test_large_float32_backward_from_means_matches_reference(ops, highest_precis
 
 def test_sffa_activity_is_fused(ops, monkeypatch):
     """backend "cpp" computes A inside the kernels: the PyTorch composition is never called."""
-    import ffkern.cpp
-
     def composed(*args, **kwargs):
         raise AssertionError("the cpp backend composed SFFA's activity term in PyTorch")
 
-    monkeypatch.setattr(reference, "with_sffa_activity", composed)
     monkeypatch.setattr(reference, "sffa_activity", composed)
-    monkeypatch.setattr(ffkern.cpp, "with_sffa_activity", composed, raising=False)
     gen = torch.Generator().manual_seed(2)
     hp, hn = (torch.rand(6, 3, 8, generator=gen).requires_grad_() for _ in range(2))
     loss = ffkern.sffa_loss(hp, hn, skip_tokens=1, activity_term=True, backend="cpp")
