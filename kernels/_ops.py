@@ -186,7 +186,8 @@ def _supcon_rows_grad(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
     return dx, None, None, None, None
 
 
-_autograd.register("supcon_rows", _supcon_rows_grad, setup_context=_supcon_rows_setup)
+# Unused outputs get None, not zeros (the loss or lse of a caller that used only the other).
+_autograd.register("supcon_rows", _supcon_rows_grad, setup_context=_supcon_rows_setup, materialize_grads=False)
 
 
 def _goodness_setup(ctx, inputs, output):
@@ -211,10 +212,13 @@ def _pair_loss_setup(ctx, inputs, output):
 
 
 def _pair_loss_grad(ctx, grad, _grad_coef, _grad_activity):
+    if grad is None:  # grads are not materialized (see register): the loss unused
+        return None, None, None, None, None, None, None
     h_pos, h_neg, coef, stats = ctx.saved_tensors
     d_pos, d_neg = torch.ops.ffkern_triton.pair_loss_backward(grad, h_pos, h_neg, coef,
                                                               stats if ctx.activity else None, *ctx.options)
     return d_pos, d_neg, None, None, None, None, None
 
 
-_autograd.register("pair_loss", _pair_loss_grad, setup_context=_pair_loss_setup)
+# coef and the activity statistics are saved for the backward: their gradients are never written.
+_autograd.register("pair_loss", _pair_loss_grad, setup_context=_pair_loss_setup, materialize_grads=False)

@@ -151,3 +151,37 @@ def test_large_ff_gradients_streamed_match_reference(shape, skip):
         close(a.grad, ra.grad, 2e-5 * ra.grad.abs().max().item(), "dh_pos")
         if b.grad is not None:
             close(b.grad, rb.grad, 2e-5 * rb.grad.abs().max().item(), "dh_neg")
+
+
+@pytest.mark.parametrize("case", ["goodness", "ff", "sffa_activity"])
+def test_ff_backward_writes_no_zero_gradients_for_saved_statistics(case):
+    """The fused forwards' token means [B, D] (and SFFA's (L_S, A)) are saved for the backward, not
+    results: autograd must not fill a zero gradient for them on every call (1/T of h's bytes, a few
+    per cent of the backward). Records every operator the backward dispatches and refuses any
+    zero fill of a tensor shaped like a saved statistic."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    batch, tokens, dim = 64, 5, 48
+    hp = torch.randn(batch, tokens, dim).requires_grad_()
+    hn = torch.randn(batch, tokens, dim).requires_grad_()
+    if case == "goodness":
+        loss = ffkern.ff_goodness(hp, skip_tokens=1, backend="cpp").sum()
+    elif case == "ff":
+        loss = ffkern.ff_loss(hp, hn, threshold=1.0, skip_tokens=1, backend="cpp")
+    else:
+        loss = ffkern.sffa_loss(hp, hn, skip_tokens=1, activity_term=True, backend="cpp")
+    zero_fills = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in ("zeros", "zeros_like", "zero_", "new_zeros") or (name == "fill_" and args[1] == 0):
+                if isinstance(out, torch.Tensor) and tuple(out.shape) in ((batch, dim), (2,)):
+                    zero_fills.append((name, tuple(out.shape)))
+            return out
+
+    with Record():
+        loss.backward()
+    assert zero_fills == [], f"the backward zero-filled gradients of saved statistics: {zero_fills}"
+    assert hp.grad is not None and hp.grad.abs().sum() > 0

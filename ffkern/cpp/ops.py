@@ -115,11 +115,13 @@ def _supcon_rows_backward(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
     return dz.to(z.dtype), None, None, None, None
 
 
-_autograd.register("supcon_rows", _supcon_rows_backward, setup_context=_supcon_rows_setup)
+# Unused outputs get None, not zeros (the loss or lse of a caller that used only the other).
+_autograd.register("supcon_rows", _supcon_rows_backward, setup_context=_supcon_rows_setup, materialize_grads=False)
 
 
 # The fused forwards' extra outputs (token means, SFFA's (L_S, A)) are saved for the backward, not
-# results: marked non-differentiable, their incoming gradients ignored. With the token means saved
+# results: marked non-differentiable, their incoming gradients ignored and, with
+# materialize_grads=False, never written as zeros. With the token means saved
 # the backward does not read h (saved for its shape only): dh of every kept token of a sample is the
 # same function of the sample's mean, so it reads B*D values and writes dh.
 
@@ -133,11 +135,13 @@ def _goodness_setup(ctx, inputs, output):
 
 
 def _goodness_backward(ctx, grad, _grad_mean):
+    if grad is None:  # grads are not materialized (see register): g unused
+        return None, None, None
     h, mean = ctx.saved_tensors
     return torch.ops.ffkern.goodness_backward(grad, h, ctx.kind, ctx.skip_tokens, mean), None, None
 
 
-_autograd.register("goodness_fused", _goodness_backward, setup_context=_goodness_setup)
+_autograd.register("goodness_fused", _goodness_backward, setup_context=_goodness_setup, materialize_grads=False)
 
 
 def _pair_loss_setup(ctx, inputs, output):
@@ -149,9 +153,11 @@ def _pair_loss_setup(ctx, inputs, output):
 
 
 def _pair_loss_backward(ctx, grad, *_grad_saved):
+    if grad is None:  # grads are not materialized (see register): the loss unused
+        return None, None, None, None, None, None, None
     h_pos, h_neg, activity, mean_pos, mean_neg = ctx.saved_tensors
     d_pos, d_neg = torch.ops.ffkern.pair_loss_backward(grad, h_pos, h_neg, *ctx.options, activity, mean_pos, mean_neg)
     return d_pos, d_neg, None, None, None, None, None
 
 
-_autograd.register("pair_loss_fused", _pair_loss_backward, setup_context=_pair_loss_setup)
+_autograd.register("pair_loss_fused", _pair_loss_backward, setup_context=_pair_loss_setup, materialize_grads=False)
