@@ -185,3 +185,86 @@ def test_ff_backward_writes_no_zero_gradients_for_saved_statistics(case):
         loss.backward()
     assert zero_fills == [], f"the backward zero-filled gradients of saved statistics: {zero_fills}"
     assert hp.grad is not None and hp.grad.abs().sum() > 0
+
+
+def _pair_cases(skip):
+    return {
+        "ff": (lambda a, b: ffkern.ff_loss(a, b, threshold=2.0, skip_tokens=skip, backend="cpp"),
+               lambda a, b: reference.ff_loss(a, b, 2.0, "mean", skip)),
+        "symba": (lambda a, b: ffkern.symba_loss(a, b, alpha=4.0, skip_tokens=skip, backend="cpp"),
+                  lambda a, b: reference.symba_loss(a, b, 4.0, "mean", skip)),
+        "sffa": (lambda a, b: ffkern.sffa_loss(a, b, skip_tokens=skip, backend="cpp"),
+                 lambda a, b: reference.sffa_loss(a, b, "mean", skip)),
+    }
+
+
+@pytest.mark.parametrize("loss", ["ff", "symba", "sffa"])
+@pytest.mark.parametrize("shape,skip,dtype", [((1000, 64), 0, torch.float32), ((333, 5, 96), 1, torch.float32),
+                                              ((1000, 64), 0, torch.bfloat16), ((200, 3, 2000), 1, torch.float32)],
+                         ids=["BD-f32", "BTD-f32", "BD-bf16", "BTD-wide"])
+def test_pair_losses_in_sample_blocks_match_reference(loss, shape, skip, dtype):
+    """The pair losses form a block of samples' energies and then the block's terms (vectorized
+    softplus / sigmoid for float32): batches that are not a multiple of the block, several threads,
+    wide rows (smaller blocks), 16-bit inputs (means in the block's buffer); values and gradients
+    against the float64 reference."""
+    gen = torch.Generator().manual_seed(21)
+    hp = (1.5 * torch.randn(shape, generator=gen)).to(dtype)
+    hn = (1.5 * torch.randn(shape, generator=gen)).to(dtype)
+    ours, ref = _pair_cases(skip)[loss]
+    a, b = hp.clone().requires_grad_(), hn.clone().requires_grad_()
+    ra, rb = hp.double().requires_grad_(), hn.double().requires_grad_()
+    got, expected = ours(a, b), ref(ra, rb)
+    got.backward()
+    expected.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(got.item() - expected.item()) <= tol * max(1.0, abs(expected.item())), (got.item(), expected.item())
+    close(a.grad, ra.grad, tol * ra.grad.abs().max().item(), "dh_pos")
+    close(b.grad, rb.grad, tol * rb.grad.abs().max().item(), "dh_neg")
+
+
+@pytest.mark.parametrize("loss", ["ff", "symba"])
+def test_softplus_and_sigmoid_tails_are_relatively_accurate(loss):
+    """Every sample far in softplus' tail (terms e^-20 .. e^-40): the loss, a mean of tiny terms,
+    and its gradient must keep their relative accuracy (log(1 + u) instead of log1p(u) would return
+    0 for every term here; a sigmoid that underflowed early would zero the gradient)."""
+    batch, dim, theta, alpha = 1000, 64, 50.0, 4.0
+    gen = torch.Generator().manual_seed(22)
+    margin = 20.0 + 20.0 * torch.rand(batch, generator=gen, dtype=torch.float64)
+    if loss == "ff":  # g+ = theta + margin, g- = theta - margin: both terms in the tail
+        gp, gn = theta + margin, theta - margin
+    else:  # alpha (g+ - g-) = margin
+        gn = torch.rand(batch, generator=gen, dtype=torch.float64)
+        gp = gn + margin / alpha
+    signs = torch.where(torch.rand(batch, dim, generator=gen) < 0.5, -1.0, 1.0).double()
+    hp64, hn64 = gp.sqrt()[:, None] * signs, gn.sqrt()[:, None] * signs  # mean(h^2) = g exactly in float64
+    hp, hn = hp64.float(), hn64.float()
+    if loss == "ff":
+        ours = lambda u, v: ffkern.ff_loss(u, v, threshold=theta, backend="cpp")  # noqa: E731
+        ref = lambda u, v: reference.ff_loss(u, v, theta, "mean", 0)  # noqa: E731
+    else:
+        ours, ref = _pair_cases(0)[loss]
+    a, b = hp.clone().requires_grad_(), hn.clone().requires_grad_()
+    ra, rb = hp.double().requires_grad_(), hn.double().requires_grad_()  # the reference on the same fp32 values
+    got, expected = ours(a, b), ref(ra, rb)
+    got.backward()
+    expected.backward()
+    assert expected.item() > 0 and expected.item() < 1e-6
+    assert abs(got.item() - expected.item()) <= 1e-4 * expected.item(), (got.item(), expected.item())
+    for g, e, what in ((a.grad, ra.grad, "dh_pos"), (b.grad, rb.grad, "dh_neg")):
+        err = (g.double() - e).abs()
+        bad = err > 1e-4 * e.abs() + 1e-37
+        assert not bad.any(), f"{what}: {int(bad.sum())} entries off by more than 1e-4 relative"
+
+
+def test_pair_backward_without_saved_means_matches_with_them():
+    """pair_loss_backward given no token means forms them again in the block's buffer: the same
+    gradient as from the saved means (the autograd path), for several blocks and threads."""
+    ops = torch.ops.ffkern
+    gen = torch.Generator().manual_seed(23)
+    hp, hn = torch.randn(300, 6, 80, generator=gen), torch.randn(300, 6, 80, generator=gen)
+    _, _, mp, mn = ops.pair_loss_fused(hp, hn, "symba", 4.0, "mean", 1, False)
+    grad = torch.tensor(1.0)
+    saved = ops.pair_loss_backward(grad, hp, hn, "symba", 4.0, "mean", 1, None, mp, mn)
+    recomputed = ops.pair_loss_backward(grad, hp, hn, "symba", 4.0, "mean", 1, None, None, None)
+    for s, r, what in zip(saved, recomputed, ("dh_pos", "dh_neg")):
+        close(r, s, 1e-6 * s.abs().max().item(), what)

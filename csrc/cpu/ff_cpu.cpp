@@ -30,57 +30,86 @@ namespace ffkern {
 namespace cpu {
 namespace {
 
-// Sum of squares of n values, in kLanes independent partial sums: the compiler vectorizes the
-// lanes without reassociating a float reduction (which it may not do without -ffast-math). The
-// order of the sums is fixed by the source, so every instruction-set clone gives the same bits.
+// The energies' reductions keep kLanes independent partial sums in GCC vector types (the compiler
+// vectorizes them without reassociating a float reduction, which it may not do without
+// -ffast-math), then add the lanes as a fixed tree: lanes k and k + n/2, then again on the half.
+// log2(kLanes) vector adds instead of kLanes dependent scalar adds and extracts: with those, a row
+// of D = 64 took ~49 cycles (262 scalar adds in the AVX-512 clone; 2^20 floats of [B, 64] ran at
+// half the copy rate). The order of every add is fixed by the source, not by the instruction set.
+constexpr int kLanes = 16;
+
+template <typename acc_t, int N>
+struct LaneTree {
+  static FFKERN_ALWAYS_INLINE acc_t sum(const acc_t* x) {
+    typedef acc_t Half __attribute__((vector_size(N / 2 * sizeof(acc_t))));
+    Half lo, hi;
+    std::memcpy(&lo, x, sizeof(lo));
+    std::memcpy(&hi, x + N / 2, sizeof(hi));
+    const Half s = lo + hi;
+    acc_t half[N / 2];
+    std::memcpy(half, &s, sizeof(s));
+    return LaneTree<acc_t, N / 2>::sum(half);
+  }
+};
+template <typename acc_t>
+struct LaneTree<acc_t, 1> {
+  static FFKERN_ALWAYS_INLINE acc_t sum(const acc_t* x) { return x[0]; }
+};
+
+template <typename acc_t, typename V>
+FFKERN_ALWAYS_INLINE acc_t lane_sum(const V& v) {
+  acc_t x[kLanes];
+  std::memcpy(x, &v, sizeof(v));
+  return LaneTree<acc_t, kLanes>::sum(x);
+}
+
+// kLanes values of x as a vector of acc_t.
+template <typename T, typename acc_t, typename V>
+FFKERN_ALWAYS_INLINE V load_lanes(const T* x) {
+  V v;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    std::memcpy(&v, x, sizeof(v));
+  } else {
+    for (int k = 0; k < kLanes; ++k) v[k] = static_cast<acc_t>(x[k]);
+  }
+  return v;
+}
+
+// Sum of squares of n values (partial sums, then the lane tree; the tail of n % kLanes values
+// added in order, then the tree).
 template <typename T, typename acc_t>
 FFKERN_ALWAYS_INLINE acc_t sum_squares(const T* x, int64_t n) {
-  constexpr int kLanes = 16;
-  acc_t lanes[kLanes] = {};
+  typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
+  Lanes lanes = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      const acc_t v = static_cast<acc_t>(x[i + k]);
-      lanes[k] += v * v;
-    }
+    const Lanes v = load_lanes<T, acc_t, Lanes>(x + i);
+    lanes += v * v;
   }
-  acc_t total = 0;
-  for (; i < n; ++i) total += static_cast<acc_t>(x[i]) * static_cast<acc_t>(x[i]);
-  for (int k = 0; k < kLanes; ++k) total += lanes[k];
-  return total;
+  acc_t tail = 0;
+  for (; i < n; ++i) tail += static_cast<acc_t>(x[i]) * static_cast<acc_t>(x[i]);
+  return tail + lane_sum<acc_t>(lanes);
 }
 
 // sum_squares and, in the same pass, the plain sum of the n values (*sum; SFFA's activity term).
-// The same kLanes partial sums as sum_squares, held in GCC vector types: written as two lane arrays
-// (as sum_squares is) GCC 12 vectorizes the outer loop with lane permutes instead, ~6x slower.
 template <typename T, typename acc_t>
 FFKERN_ALWAYS_INLINE acc_t sum_squares_and_sum(const T* x, int64_t n, acc_t* sum) {
-  constexpr int kLanes = 16;
   typedef acc_t Lanes __attribute__((vector_size(kLanes * sizeof(acc_t))));
   Lanes lanes = {}, plain = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    Lanes v;
-    if constexpr (std::is_same_v<T, acc_t>) {
-      std::memcpy(&v, x + i, sizeof(v));
-    } else {
-      for (int k = 0; k < kLanes; ++k) v[k] = static_cast<acc_t>(x[i + k]);
-    }
+    const Lanes v = load_lanes<T, acc_t, Lanes>(x + i);
     lanes += v * v;
     plain += v;
   }
-  acc_t total = 0, total_plain = 0;
+  acc_t tail = 0, tail_plain = 0;
   for (; i < n; ++i) {
     const acc_t v = static_cast<acc_t>(x[i]);
-    total += v * v;
-    total_plain += v;
+    tail += v * v;
+    tail_plain += v;
   }
-  for (int k = 0; k < kLanes; ++k) {
-    total += lanes[k];
-    total_plain += plain[k];
-  }
-  *sum = total_plain;
-  return total;
+  *sum = tail_plain + lane_sum<acc_t>(plain);
+  return tail + lane_sum<acc_t>(lanes);
 }
 
 // E0, E1 of the mean x [dim]; with sum non-null also the sum of its entries, in the same pass.
@@ -102,13 +131,14 @@ FFKERN_ALWAYS_INLINE void half_energies(const T* x, int64_t dim, acc_t* e0, acc_
 // over tokens skip..T-1. With a single token in the mean ([B, D], or [B, T, D] with skip = T-1) the
 // mean is that row itself: read in place, nothing copied. Otherwise the mean goes to m [D].
 // Returns the mean's address (the row, or m), which write_grad reads. With sum non-null, *sum is
-// the sum of the mean's D entries (SFFA's activity term), taken in the pass of the energies.
+// the sum of the mean's D entries (SFFA's activity term), taken in the pass of the energies. With
+// e0 null only the mean is formed (goodness's backward: dg/dh = 2 m / (D T') needs no energies).
 template <typename in_t, typename acc_t>
 FFKERN_ALWAYS_INLINE const void* sample_energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m,
                                                  acc_t* e0, acc_t* e1, acc_t* sum) {
   const in_t* first = h + skip * dim;
   if (tokens - skip == 1 && std::is_same_v<in_t, acc_t>) {
-    half_energies<in_t, acc_t>(first, dim, e0, e1, sum);
+    if (e0 != nullptr) half_energies<in_t, acc_t>(first, dim, e0, e1, sum);
     return first;
   }
   for (int64_t d = 0; d < dim; ++d) m[d] = static_cast<acc_t>(first[d]);
@@ -120,7 +150,7 @@ FFKERN_ALWAYS_INLINE const void* sample_energies(const in_t* h, int64_t tokens, 
     const acc_t inv_count = acc_t(1) / acc_t(tokens - skip);
     for (int64_t d = 0; d < dim; ++d) m[d] *= inv_count;
   }
-  half_energies<acc_t, acc_t>(m, dim, e0, e1, sum);
+  if (e0 != nullptr) half_energies<acc_t, acc_t>(m, dim, e0, e1, sum);
   return m;
 }
 
@@ -232,42 +262,195 @@ void write_grad_streamed(float* dh, int64_t tokens, int64_t dim, int64_t skip, c
   }
 }
 
-// The per-sample work as plain functions: float32 (the common case) gets one copy per instruction
-// set (FFKERN_CLONES, AVX-512 where the CPU has it; a portable build is SSE2 otherwise), the other
-// types the portable template.
+// The per-sample work, n samples of a block per call: sample j is h + j * stride; where its mean is
+// formed (several tokens, or a 16-bit row) it goes to m + j * dim, for the caller to keep; means[j]
+// is what write_grad reads and is_row[j] whether that is the row of h itself (in_t). e0 null: the
+// means only. float32 (the common case) gets one copy per instruction set (FFKERN_CLONES, AVX-512
+// where the CPU has it; a portable build is SSE2 otherwise), the other types the portable
+// template. A block per call, not a sample: a [B, 64] row is 4 cache lines, and a call per row
+// through the clones' resolver cost as much as the row's arithmetic (the [B, D] goodness backward
+// took 1.27x a torch.mul of the same bytes with one call per row).
+template <typename in_t, typename acc_t>
+FFKERN_ALWAYS_INLINE void energies_n(const in_t* h, int64_t n, int64_t stride, int64_t tokens, int64_t dim, int64_t skip,
+                                     acc_t* m, acc_t* e0, acc_t* e1, acc_t* sums, const void** means, bool* is_row) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t* mj = m + j * dim;
+    const void* mean = sample_energies<in_t, acc_t>(h + j * stride, tokens, dim, skip, mj, e0 ? e0 + j : nullptr,
+                                                    e0 ? e1 + j : nullptr, sums ? sums + j : nullptr);
+    means[j] = mean;
+    is_row[j] = mean != mj;
+  }
+}
+
+template <typename in_t, typename acc_t>
+FFKERN_ALWAYS_INLINE void grads_n(in_t* dh, int64_t n, int64_t tokens, int64_t dim, int64_t skip,
+                                  const void* const* means, const bool* is_row, const acc_t* d0, const acc_t* d1,
+                                  bool shifted, acc_t shift) {
+  for (int64_t j = 0; j < n; ++j) {
+    write_grad<in_t, acc_t>(dh + j * tokens * dim, tokens, dim, skip, means[j], is_row[j], d0[j], d1[j], shifted,
+                            shift);
+  }
+}
+
 template <typename in_t, typename acc_t>
 struct Sample {
-  static const void* energies(const in_t* h, int64_t tokens, int64_t dim, int64_t skip, acc_t* m, acc_t* e0,
-                              acc_t* e1, acc_t* sum = nullptr) {
-    return sample_energies<in_t, acc_t>(h, tokens, dim, skip, m, e0, e1, sum);
+  static void energies(const in_t* h, int64_t n, int64_t stride, int64_t tokens, int64_t dim, int64_t skip, acc_t* m,
+                       acc_t* e0, acc_t* e1, acc_t* sums, const void** means, bool* is_row) {
+    energies_n<in_t, acc_t>(h, n, stride, tokens, dim, skip, m, e0, e1, sums, means, is_row);
   }
-  static void grad(in_t* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row, acc_t d0,
-                   acc_t d1, bool /*stream*/, bool shifted = false, acc_t shift = acc_t(0)) {
-    write_grad<in_t, acc_t>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1, shifted, shift);
+  static void grads(in_t* dh, int64_t n, int64_t tokens, int64_t dim, int64_t skip, const void* const* means,
+                    const bool* is_row, const acc_t* d0, const acc_t* d1, bool /*stream*/, bool shifted = false,
+                    acc_t shift = acc_t(0)) {
+    grads_n<in_t, acc_t>(dh, n, tokens, dim, skip, means, is_row, d0, d1, shifted, shift);
   }
 };
 
-FFKERN_CLONES const void* energies_f32(const float* h, int64_t tokens, int64_t dim, int64_t skip, float* m, float* e0,
-                                       float* e1, float* sum) {
-  return sample_energies<float, float>(h, tokens, dim, skip, m, e0, e1, sum);
+FFKERN_CLONES void energies_f32(const float* h, int64_t n, int64_t stride, int64_t tokens, int64_t dim, int64_t skip,
+                                float* m, float* e0, float* e1, float* sums, const void** means, bool* is_row) {
+  energies_n<float, float>(h, n, stride, tokens, dim, skip, m, e0, e1, sums, means, is_row);
 }
-FFKERN_CLONES void grad_f32(float* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row,
-                            float d0, float d1, bool shifted, float shift) {
-  write_grad<float, float>(dh, tokens, dim, skip, mean, mean_is_row, d0, d1, shifted, shift);
+FFKERN_CLONES void grads_f32(float* dh, int64_t n, int64_t tokens, int64_t dim, int64_t skip, const void* const* means,
+                             const bool* is_row, const float* d0, const float* d1, bool shifted, float shift) {
+  grads_n<float, float>(dh, n, tokens, dim, skip, means, is_row, d0, d1, shifted, shift);
 }
 template <>
 struct Sample<float, float> {
-  static const void* energies(const float* h, int64_t tokens, int64_t dim, int64_t skip, float* m, float* e0,
-                              float* e1, float* sum = nullptr) {
-    return energies_f32(h, tokens, dim, skip, m, e0, e1, sum);
+  static void energies(const float* h, int64_t n, int64_t stride, int64_t tokens, int64_t dim, int64_t skip, float* m,
+                       float* e0, float* e1, float* sums, const void** means, bool* is_row) {
+    energies_f32(h, n, stride, tokens, dim, skip, m, e0, e1, sums, means, is_row);
   }
-  static void grad(float* dh, int64_t tokens, int64_t dim, int64_t skip, const void* mean, bool mean_is_row, float d0,
-                   float d1, bool stream, bool shifted = false, float shift = 0.0f) {
-    if (stream) {
-      write_grad_streamed(dh, tokens, dim, skip, static_cast<const float*>(mean), d0, d1, shifted, shift);
-    } else {
-      grad_f32(dh, tokens, dim, skip, mean, mean_is_row, d0, d1, shifted, shift);
+  static void grads(float* dh, int64_t n, int64_t tokens, int64_t dim, int64_t skip, const void* const* means,
+                    const bool* is_row, const float* d0, const float* d1, bool stream, bool shifted = false,
+                    float shift = 0.0f) {
+    if (!stream) {
+      grads_f32(dh, n, tokens, dim, skip, means, is_row, d0, d1, shifted, shift);
+      return;
     }
+    for (int64_t j = 0; j < n; ++j) {
+      write_grad_streamed(dh + j * tokens * dim, tokens, dim, skip, static_cast<const float*>(means[j]), d0[j], d1[j],
+                          shifted, shift);
+    }
+  }
+};
+
+// ---- per-sample loss terms, a block of samples at a time ------------------------------------------
+// Each sample of FF and SymBa costs softplus / sigmoid (2-4 exp and log1p). As library calls, once
+// per sample, they cost more than the sample's energies at small D: at [16384, 64] fp32 (2^20) the FF
+// forward took 653 us against 234 us for the two inputs' energies alone (~13 ns a call). So the
+// kernels form the energies of a block of samples first and then the block's terms in one loop,
+// which float32 vectorizes with simd::exp and log1p_unit (SFFA's std::log stays a call; it is one
+// log per input and sample, and SFFA was already below compile's time).
+constexpr int kBlock = 64;
+
+// Samples per block: kBlock, fewer for wide rows so that the block's token means (when they are
+// formed in a buffer: [B, T, D] without saved means, or 16-bit inputs) stay in L1/L2.
+int64_t block_for(int64_t dim) { return std::max<int64_t>(1, std::min<int64_t>(kBlock, 4096 / std::max<int64_t>(1, dim))); }
+
+// log1p(u) for u in [0, 1] (softplus's e^-|x|), vectorizable: log1p(u) = 2 atanh(s) with
+// s = u / (2 + u) in [0, 1/3] formed without cancellation, by the odd series to s^15 (the first
+// term left out is s^17 / 17 <= (1/3)^16 / 17 ~ 1.4e-9 relative to s). NaN stays NaN.
+FFKERN_ALWAYS_INLINE float log1p_unit(float u) {
+  const float s = u / (2.0f + u);
+  const float s2 = s * s;
+  float p = 1.0f / 15.0f;
+  p = p * s2 + 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  p = p * s2 + 1.0f;
+  return 2.0f * s * p;
+}
+
+// ff_math.h's softplus and sigmoid with the vectorizable exp (simd::exp: within 1 ulp; overflow to
+// inf gives sigmoid 0, as it should).
+FFKERN_ALWAYS_INLINE float softplus_f32(float x) {
+  return (x > 0.0f ? x : 0.0f) + log1p_unit(simd::exp_nonpositive(-std::fabs(x)));
+}
+FFKERN_ALWAYS_INLINE float sigmoid_f32(float x) { return 1.0f / (1.0f + simd::exp(-x)); }
+
+// The energies of a block of samples: h+ (e0p, e1p) and h- (e0n, e1n).
+template <typename acc_t>
+struct BlockEnergies {
+  acc_t e0p[kBlock], e1p[kBlock], e0n[kBlock], e1n[kBlock];
+};
+
+// pair_term of each of the n samples of a block.
+template <typename acc_t>
+void block_terms(int loss, acc_t param, acc_t gscale, const BlockEnergies<acc_t>& e, int64_t n, acc_t* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = pair_term<acc_t>(loss, param, gscale, e.e0p[j], e.e1p[j], e.e0n[j], e.e1n[j]);
+}
+FFKERN_CLONES void block_terms_f32(int loss, float param, float gscale, const BlockEnergies<float>& e, int64_t n,
+                                   float* out) {
+  if (loss == kLossFF) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float gp = (e.e0p[j] + e.e1p[j]) * gscale, gn = (e.e0n[j] + e.e1n[j]) * gscale;
+      out[j] = softplus_f32(param - gp) + softplus_f32(gn - param);
+    }
+  } else if (loss == kLossSymBa) {
+    for (int64_t j = 0; j < n; ++j) {
+      const float gp = (e.e0p[j] + e.e1p[j]) * gscale, gn = (e.e0n[j] + e.e1n[j]) * gscale;
+      out[j] = softplus_f32(-param * (gp - gn));
+    }
+  } else {
+    block_terms<float>(loss, param, gscale, e, n, out);
+  }
+}
+// pair_grad of each of the n samples: dL/dE0, dL/dE1 of h+ (dp0, dp1) and of h- (dn0, dn1).
+template <typename acc_t>
+void block_grads(int loss, acc_t param, acc_t gscale, const BlockEnergies<acc_t>& e, acc_t scale, int64_t n,
+                 acc_t* dp0, acc_t* dp1, acc_t* dn0, acc_t* dn1) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t dp[2], dn[2];
+    pair_grad<acc_t>(loss, param, gscale, e.e0p[j], e.e1p[j], e.e0n[j], e.e1n[j], scale, dp, dn);
+    dp0[j] = dp[0];
+    dp1[j] = dp[1];
+    dn0[j] = dn[0];
+    dn1[j] = dn[1];
+  }
+}
+FFKERN_CLONES void block_grads_f32(int loss, float param, float gscale, const BlockEnergies<float>& e, float scale,
+                                   int64_t n, float* dp0, float* dp1, float* dn0, float* dn1) {
+  if (loss != kLossFF && loss != kLossSymBa) {
+    block_grads<float>(loss, param, gscale, e, scale, n, dp0, dp1, dn0, dn1);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {  // as pair_grad: dg/dE = gscale for both halves
+    const float gp = (e.e0p[j] + e.e1p[j]) * gscale, gn = (e.e0n[j] + e.e1n[j]) * gscale;
+    float dgp, dgn;
+    if (loss == kLossFF) {
+      dgp = -sigmoid_f32(param - gp);
+      dgn = sigmoid_f32(gn - param);
+    } else {
+      const float sg = param * sigmoid_f32(-param * (gp - gn));
+      dgp = -sg;
+      dgn = sg;
+    }
+    dp0[j] = dp1[j] = scale * dgp * gscale;
+    dn0[j] = dn1[j] = scale * dgn * gscale;
+  }
+}
+
+// The block functions for one accumulation type: float32 takes the vectorized clones.
+template <typename acc_t>
+struct Block {
+  static void terms(int loss, acc_t param, acc_t gscale, const BlockEnergies<acc_t>& e, int64_t n, acc_t* out) {
+    block_terms<acc_t>(loss, param, gscale, e, n, out);
+  }
+  static void grads(int loss, acc_t param, acc_t gscale, const BlockEnergies<acc_t>& e, acc_t scale, int64_t n,
+                    acc_t* dp0, acc_t* dp1, acc_t* dn0, acc_t* dn1) {
+    block_grads<acc_t>(loss, param, gscale, e, scale, n, dp0, dp1, dn0, dn1);
+  }
+};
+template <>
+struct Block<float> {
+  static void terms(int loss, float param, float gscale, const BlockEnergies<float>& e, int64_t n, float* out) {
+    block_terms_f32(loss, param, gscale, e, n, out);
+  }
+  static void grads(int loss, float param, float gscale, const BlockEnergies<float>& e, float scale, int64_t n,
+                    float* dp0, float* dp1, float* dn0, float* dn1) {
+    block_grads_f32(loss, param, gscale, e, scale, n, dp0, dp1, dn0, dn1);
   }
 };
 
@@ -294,19 +477,23 @@ const at::Tensor* saved_mean(const char* name, const std::optional<at::Tensor>& 
   return &*mean;
 }
 
-// One sample's energies for a backward: from its saved token mean (saved non-null: [D], acc type;
-// T' rows of dh are the same function of it) or from h. Returns the mean write_grad reads and sets
-// *is_row (the mean is a row of h, in_t).
+// The energies of n samples for a backward: from their saved token means (saved non-null: [n, D],
+// acc type; T' rows of dh are the same function of the mean) or from h (n samples of [T, D]), means
+// formed at m + j * dim where needed. Sets means[j], is_row[j] for write_grad (is_row: the mean is
+// a row of h, in_t). With e0 null, the means only.
 template <typename in_t, typename acc_t>
-FFKERN_ALWAYS_INLINE const void* backward_energies(const acc_t* saved, const in_t* h, int64_t tokens, int64_t dim,
-                                                   int64_t skip, acc_t* m, acc_t* e0, acc_t* e1, bool* is_row) {
+FFKERN_ALWAYS_INLINE void backward_energies(const acc_t* saved, const in_t* h, int64_t n, int64_t tokens, int64_t dim,
+                                            int64_t skip, acc_t* m, acc_t* e0, acc_t* e1, const void** means,
+                                            bool* is_row) {
   if (saved != nullptr) {
-    *is_row = false;
-    return Sample<acc_t, acc_t>::energies(saved, 1, dim, 0, nullptr, e0, e1);  // read in place
+    if (e0 != nullptr) Sample<acc_t, acc_t>::energies(saved, n, dim, 1, dim, 0, m, e0, e1, nullptr, means, is_row);
+    for (int64_t j = 0; j < n; ++j) {  // read in place; acc_t, not a row of h
+      means[j] = saved + j * dim;
+      is_row[j] = false;
+    }
+    return;
   }
-  const void* mean = Sample<in_t, acc_t>::energies(h, tokens, dim, skip, m, e0, e1);
-  *is_row = mean != m;
-  return mean;
+  Sample<in_t, acc_t>::energies(h, n, tokens * dim, tokens, dim, skip, m, e0, e1, nullptr, means, is_row);
 }
 
 // Returns (g [B], token means [B, D] or empty: token_mean_output).
@@ -322,13 +509,18 @@ std::tuple<at::Tensor, at::Tensor> goodness_fused(const at::Tensor& h_in, std::s
     acc_t* gp = g.data_ptr<acc_t>();
     acc_t* mp = means.numel() ? means.data_ptr<acc_t>() : nullptr;
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
+    const int64_t block = block_for(s.dim);
     at::parallel_for(0, s.batch, grain_for(s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> m(s.dim);
-      for (int64_t b = b0; b < b1; ++b) {
-        acc_t e0, e1;
-        acc_t* mean_b = mp != nullptr ? mp + b * s.dim : m.data();  // the mean goes straight to the output
-        Sample<scalar_t, acc_t>::energies(hp + b * s.tokens * s.dim, s.tokens, s.dim, skip_tokens, mean_b, &e0, &e1);
-        gp[b] = (e0 + e1) * gscale;
+      std::vector<acc_t> mbuf(block * s.dim);
+      acc_t e0[kBlock], e1[kBlock];
+      const void* means_b[kBlock];
+      bool is_row[kBlock];
+      for (int64_t b = b0; b < b1; b += block) {
+        const int64_t n = std::min(block, b1 - b);
+        acc_t* m = mp != nullptr ? mp + b * s.dim : mbuf.data();  // the means go straight to the output
+        Sample<scalar_t, acc_t>::energies(hp + b * s.tokens * s.dim, n, s.tokens * s.dim, s.tokens, s.dim, skip_tokens,
+                                          m, e0, e1, nullptr, means_b, is_row);
+        for (int64_t j = 0; j < n; ++j) gp[b + j] = (e0[j] + e1[j]) * gscale;
       }
     });
   });
@@ -354,17 +546,19 @@ at::Tensor goodness_backward(const at::Tensor& grad_in, const at::Tensor& h_in, 
     scalar_t* dp = dh.data_ptr<scalar_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
     const bool stream = std::is_same_v<scalar_t, float> && stream_output(dh.nbytes());
+    const int64_t block = block_for(s.dim);
     at::parallel_for(0, s.batch, grain_for(s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> m(s.dim);
-      for (int64_t b = b0; b < b1; ++b) {
-        acc_t e0, e1;
-        bool is_row;
-        const int64_t off = b * s.tokens * s.dim;
-        const void* mean_b = backward_energies<scalar_t, acc_t>(sm != nullptr ? sm + b * s.dim : nullptr,
-                                                                hp + (hp != nullptr ? off : 0), s.tokens, s.dim,
-                                                                skip_tokens, m.data(), &e0, &e1, &is_row);
-        const acc_t de = gr[b] * gscale;  // dL/dE = dL/dg * dg/dE for both halves
-        Sample<scalar_t, acc_t>::grad(dp + off, s.tokens, s.dim, skip_tokens, mean_b, is_row, de, de, stream);
+      std::vector<acc_t> mbuf(block * s.dim);
+      acc_t de[kBlock];
+      const void* means_b[kBlock];
+      bool is_row[kBlock];
+      for (int64_t b = b0; b < b1; b += block) {
+        const int64_t n = std::min(block, b1 - b), off = b * s.tokens * s.dim;
+        // dg/dh = 2 m / (D T') is linear in the mean: the energies are not needed (e0 null)
+        backward_energies<scalar_t, acc_t>(sm != nullptr ? sm + b * s.dim : nullptr, hp + (hp != nullptr ? off : 0), n,
+                                           s.tokens, s.dim, skip_tokens, mbuf.data(), nullptr, nullptr, means_b, is_row);
+        for (int64_t j = 0; j < n; ++j) de[j] = gr[b + j] * gscale;  // dL/dE = dL/dg * dg/dE for both halves
+        Sample<scalar_t, acc_t>::grads(dp + off, n, s.tokens, s.dim, skip_tokens, means_b, is_row, de, de, stream);
       }
       if (stream) store_fence();
     });
@@ -404,18 +598,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const
     const int64_t per = activity_term ? 3 : 1;
     std::vector<acc_t> terms(s.batch * per);
     at::parallel_for(0, s.batch, grain_for(2 * s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> m(s.dim);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t off = b * s.tokens * s.dim;
-        acc_t e0p, e1p, e0n, e1n;
-        acc_t* sums = activity_term ? &terms[b * per + 1] : nullptr;
+      // a block's energies, then its terms (see Block)
+      const int64_t block = block_for(s.dim);
+      std::vector<acc_t> mbuf(2 * block * s.dim);
+      BlockEnergies<acc_t> e;
+      acc_t block_terms[kBlock], sums_p[kBlock], sums_n[kBlock];
+      const void* means_b[kBlock];
+      bool is_row[kBlock];
+      for (int64_t b = b0; b < b1; b += block) {
+        const int64_t n = std::min(block, b1 - b), off = b * s.tokens * s.dim, stride = s.tokens * s.dim;
         // the means go straight to the outputs
-        acc_t* m_p = mpp != nullptr ? mpp + b * s.dim : m.data();
-        acc_t* m_n = mnp != nullptr ? mnp + b * s.dim : m.data();
-        Sample<scalar_t, acc_t>::energies(pp + off, s.tokens, s.dim, skip_tokens, m_p, &e0p, &e1p, sums);
-        Sample<scalar_t, acc_t>::energies(np + off, s.tokens, s.dim, skip_tokens, m_n, &e0n, &e1n,
-                                          sums == nullptr ? nullptr : sums + 1);
-        terms[b * per] = pair_term<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n);
+        acc_t* m_p = mpp != nullptr ? mpp + b * s.dim : mbuf.data();
+        acc_t* m_n = mnp != nullptr ? mnp + b * s.dim : mbuf.data() + block * s.dim;
+        Sample<scalar_t, acc_t>::energies(pp + off, n, stride, s.tokens, s.dim, skip_tokens, m_p, e.e0p, e.e1p,
+                                          activity_term ? sums_p : nullptr, means_b, is_row);
+        Sample<scalar_t, acc_t>::energies(np + off, n, stride, s.tokens, s.dim, skip_tokens, m_n, e.e0n, e.e1n,
+                                          activity_term ? sums_n : nullptr, means_b, is_row);
+        Block<acc_t>::terms(loss, acc_t(param), gscale, e, n, block_terms);
+        for (int64_t j = 0; j < n; ++j) {
+          terms[(b + j) * per] = block_terms[j];
+          if (activity_term) {
+            terms[(b + j) * per + 1] = sums_p[j];
+            terms[(b + j) * per + 2] = sums_n[j];
+          }
+        }
       }
     });
     double total = 0, sum_pos = 0, sum_neg = 0;  // in sample order: independent of the thread split
@@ -493,22 +699,27 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
     const acc_t shift = activity.has ? sffa_activity_shift<acc_t>(acc_t(grad), loss_s, a, inv_count) : acc_t(0);
     const bool stream = std::is_same_v<scalar_t, float> && stream_output(dhp.nbytes() + dhn.nbytes());
     at::parallel_for(0, s.batch, grain_for(4 * s.tokens * s.dim), [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> mp(s.dim), mn(s.dim);
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t off = b * s.tokens * s.dim;
-        acc_t e0p, e1p, e0n, e1n, dp[2], dn[2];
-        bool row_p, row_n;
-        const void* mean_p = backward_energies<scalar_t, acc_t>(smp != nullptr ? smp + b * s.dim : nullptr,
-                                                                pp + (pp != nullptr ? off : 0), s.tokens, s.dim,
-                                                                skip_tokens, mp.data(), &e0p, &e1p, &row_p);
-        const void* mean_n = backward_energies<scalar_t, acc_t>(smn != nullptr ? smn + b * s.dim : nullptr,
-                                                                np + (np != nullptr ? off : 0), s.tokens, s.dim,
-                                                                skip_tokens, mn.data(), &e0n, &e1n, &row_n);
-        pair_grad<acc_t>(loss, acc_t(param), gscale, e0p, e1p, e0n, e1n, scale, dp, dn);
-        Sample<scalar_t, acc_t>::grad(dpp + off, s.tokens, s.dim, skip_tokens, mean_p, row_p, dp[0], dp[1], stream,
-                                      activity.has, shift);
-        Sample<scalar_t, acc_t>::grad(dnp + off, s.tokens, s.dim, skip_tokens, mean_n, row_n, dn[0], dn[1], stream,
-                                      activity.has, shift);
+      // a block's energies, then its dL/dE (see Block), then its dh; the means formed in a buffer
+      // (no saved means, or 16-bit inputs) are kept per sample of the block
+      const int64_t block = block_for(s.dim);
+      std::vector<acc_t> mbuf(2 * block * s.dim);
+      BlockEnergies<acc_t> e;
+      acc_t dp0[kBlock], dp1[kBlock], dn0[kBlock], dn1[kBlock];
+      const void* mean_p[kBlock];
+      const void* mean_n[kBlock];
+      bool row_p[kBlock], row_n[kBlock];
+      for (int64_t b = b0; b < b1; b += block) {
+        const int64_t n = std::min(block, b1 - b), off = b * s.tokens * s.dim;
+        backward_energies<scalar_t, acc_t>(smp != nullptr ? smp + b * s.dim : nullptr, pp + (pp != nullptr ? off : 0),
+                                           n, s.tokens, s.dim, skip_tokens, mbuf.data(), e.e0p, e.e1p, mean_p, row_p);
+        backward_energies<scalar_t, acc_t>(smn != nullptr ? smn + b * s.dim : nullptr, np + (np != nullptr ? off : 0),
+                                           n, s.tokens, s.dim, skip_tokens, mbuf.data() + block * s.dim, e.e0n, e.e1n,
+                                           mean_n, row_n);
+        Block<acc_t>::grads(loss, acc_t(param), gscale, e, scale, n, dp0, dp1, dn0, dn1);
+        Sample<scalar_t, acc_t>::grads(dpp + off, n, s.tokens, s.dim, skip_tokens, mean_p, row_p, dp0, dp1, stream,
+                                       activity.has, shift);
+        Sample<scalar_t, acc_t>::grads(dnp + off, n, s.tokens, s.dim, skip_tokens, mean_n, row_n, dn0, dn1, stream,
+                                       activity.has, shift);
       }
       if (stream) store_fence();
     });
