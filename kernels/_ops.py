@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ffkern import reference
-from ffkern._op_autograd import OperatorAutograd
+from ffkern._op_autograd import OperatorAutograd, call_backward_op
 from ffkern._supcon_function import backward_coefficients
 
 from . import ff_goodness as FG
@@ -182,7 +182,7 @@ def _supcon_rows_grad(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
     a, b = backward_coefficients(grad_loss, num_pos, tau)
     if grad_lse is not None:
         a = (a + grad_lse.to(lse.dtype) / tau).contiguous()
-    dx = torch.ops.ffkern_triton.supcon_rows_backward(x, labels, norm, lse, a, b, tau, ctx.margin)
+    dx = call_backward_op(torch.ops.ffkern_triton.supcon_rows_backward, x, labels, norm, lse, a, b, tau, ctx.margin)
     return dx, None, None, None, None
 
 
@@ -198,7 +198,7 @@ def _goodness_setup(ctx, inputs, output):
 
 def _goodness_grad(ctx, grad):
     (h,) = ctx.saved_tensors
-    return torch.ops.ffkern_triton.goodness_backward(grad, h, ctx.kind, ctx.skip_tokens), None, None
+    return call_backward_op(torch.ops.ffkern_triton.goodness_backward, grad, h, ctx.kind, ctx.skip_tokens), None, None
 
 
 _autograd.register("goodness", _goodness_grad, setup_context=_goodness_setup)
@@ -215,8 +215,8 @@ def _pair_loss_grad(ctx, grad, _grad_coef, _grad_activity):
     if grad is None:  # grads are not materialized (see register): the loss unused
         return None, None, None, None, None, None, None
     h_pos, h_neg, coef, stats = ctx.saved_tensors
-    d_pos, d_neg = torch.ops.ffkern_triton.pair_loss_backward(grad, h_pos, h_neg, coef,
-                                                              stats if ctx.activity else None, *ctx.options)
+    d_pos, d_neg = call_backward_op(torch.ops.ffkern_triton.pair_loss_backward, grad, h_pos, h_neg, coef,
+                                    stats if ctx.activity else None, *ctx.options)
     return d_pos, d_neg, None, None, None, None, None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._op_autograd import OperatorAutograd
+from .._op_autograd import OperatorAutograd, call_backward_op
 from . import build
 
 build.load_library()
@@ -111,7 +111,8 @@ def _supcon_rows_backward(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
         g = g + grad_lse.to(lse.dtype)
     a = g / tau
     zq = round_operand(z, ctx.operand_dtype)
-    dz = torch.ops.ffkern.supcon_backward(zq, labels, zq, labels, 0, lse, a, b, lse, a, b, tau, ctx.margin)
+    dz = call_backward_op(torch.ops.ffkern.supcon_backward, zq, labels, zq, labels, 0, lse, a, b, lse, a, b, tau,
+                          ctx.margin)
     return dz.to(z.dtype), None, None, None, None
 
 
@@ -138,7 +139,7 @@ def _goodness_backward(ctx, grad, _grad_mean):
     if grad is None:  # grads are not materialized (see register): g unused
         return None, None, None
     h, mean = ctx.saved_tensors
-    return torch.ops.ffkern.goodness_backward(grad, h, ctx.kind, ctx.skip_tokens, mean), None, None
+    return call_backward_op(torch.ops.ffkern.goodness_backward, grad, h, ctx.kind, ctx.skip_tokens, mean), None, None
 
 
 _autograd.register("goodness_fused", _goodness_backward, setup_context=_goodness_setup, materialize_grads=False)
@@ -156,7 +157,8 @@ def _pair_loss_backward(ctx, grad, *_grad_saved):
     if grad is None:  # grads are not materialized (see register): the loss unused
         return None, None, None, None, None, None, None
     h_pos, h_neg, activity, mean_pos, mean_neg = ctx.saved_tensors
-    d_pos, d_neg = torch.ops.ffkern.pair_loss_backward(grad, h_pos, h_neg, *ctx.options, activity, mean_pos, mean_neg)
+    d_pos, d_neg = call_backward_op(torch.ops.ffkern.pair_loss_backward, grad, h_pos, h_neg, *ctx.options, activity,
+                                    mean_pos, mean_neg)
     return d_pos, d_neg, None, None, None, None, None
 
 
