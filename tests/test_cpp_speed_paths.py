@@ -268,3 +268,17 @@ def test_pair_backward_without_saved_means_matches_with_them():
     recomputed = ops.pair_loss_backward(grad, hp, hn, "symba", 4.0, "mean", 1, None, None, None)
     for s, r, what in zip(saved, recomputed, ("dh_pos", "dh_neg")):
         close(r, s, 1e-6 * s.abs().max().item(), what)
+
+
+@pytest.mark.parametrize("shape,skip", [((2048, 1040), 0), ((1024, 9, 520), 1)], ids=["BD", "BTD-skip1-unaligned"])
+def test_streamed_gradient_has_the_bits_of_the_plain_stores(shape, skip):
+    """The streamed stores (a gradient of 8 MiB and more; AVX-512 or AVX2 by the CPU) write the same
+    products as the plain stores of a small call: the first 64 samples' dh, bit for bit."""
+    h = torch.randn(shape, generator=torch.Generator().manual_seed(17))
+    big = h.clone().requires_grad_()
+    small = h[:64].clone().requires_grad_()
+    assert big.numel() * 4 >= 8 << 20 and small.numel() * 4 < 8 << 20
+    weights = torch.rand(shape[0], generator=torch.Generator().manual_seed(18))
+    (ffkern.ff_goodness(big, skip_tokens=skip, backend="cpp") * weights).sum().backward()
+    (ffkern.ff_goodness(small, skip_tokens=skip, backend="cpp") * weights[:64]).sum().backward()
+    assert torch.equal(big.grad[:64], small.grad)
