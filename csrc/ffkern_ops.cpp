@@ -2,7 +2,8 @@
 //
 // Kernels live in cpu/ (TORCH_LIBRARY_IMPL(ffkern, CPU, ...)) and cuda/ (TORCH_LIBRARY_IMPL(ffkern,
 // CUDA, ...)); autograd formulas and fake (meta) implementations are registered from Python in
-// ffkern/cpp/ops.py, so that the ops trace under torch.compile(fullgraph=True).
+// ffkern/cpp/ops.py, so that the ops trace under torch.compile(fullgraph=True); the fused FF
+// operators' autograd is C++ (ff_autograd.cpp).
 //
 // Math: SPEC.md sections 1 (marginal SupCon) and 2 (FF goodness losses). Row order, statistics and
 // the symmetric pair term are those of ffkern/reference.py's supcon_forward / supcon_backward.
@@ -43,7 +44,7 @@ TORCH_LIBRARY(ffkern, m) {
   // kind "mean" or "sum" over features. goodness_fused returns (g, token means): the means [B, D]
   // (float32, float64 for float64) where T - skip_tokens > 1, so that the backward reads them
   // instead of h (dh of every kept token of a sample is the same function of its mean); an empty
-  // tensor where the mean is one row of h. Its autograd is registered in Python.
+  // tensor where the mean is one row of h. Its autograd: ff_autograd.cpp.
   m.def("goodness_fused(Tensor h, str kind, int skip_tokens) -> (Tensor, Tensor)");
   // g only: goodness_fused's first output (CompositeImplicitAutograd, below).
   m.def("goodness(Tensor h, str kind, int skip_tokens) -> Tensor");
@@ -56,7 +57,7 @@ TORCH_LIBRARY(ffkern, m) {
   // the forward kernels sum the activations in the pass that computes the energies.
   // pair_loss_fused returns (L, activity, means of h_pos, means of h_neg): the 0-dim loss (L_S A
   // with the term), (L_S, A) [2] for the backward (an empty tensor without the term), and the token
-  // means as goodness_fused returns them; its autograd is registered in Python.
+  // means as goodness_fused returns them; its autograd: ff_autograd.cpp.
   m.def(
       "pair_loss_fused(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens, "
       "bool activity_term) -> (Tensor, Tensor, Tensor, Tensor)");

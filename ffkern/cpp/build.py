@@ -78,7 +78,7 @@ def source_dir() -> Path:
 
 
 def sources(root: Path, with_cuda: bool) -> List[Path]:
-    files = [root / "ffkern_ops.cpp", *sorted((root / "cpu").glob("*.cpp"))]
+    files = [root / "ffkern_ops.cpp", root / "ff_autograd.cpp", *sorted((root / "cpu").glob("*.cpp"))]
     if with_cuda:
         files += sorted((root / "cuda").glob("*.cu")) + sorted((root / "cuda").glob("*.cpp"))
     return files

@@ -120,46 +120,8 @@ def _supcon_rows_backward(ctx, grad_loss, grad_lse, _grad_pos, _grad_clipped):
 _autograd.register("supcon_rows", _supcon_rows_backward, setup_context=_supcon_rows_setup, materialize_grads=False)
 
 
-# The fused forwards' extra outputs (token means, SFFA's (L_S, A)) are saved for the backward, not
-# results: marked non-differentiable, their incoming gradients ignored and, with
-# materialize_grads=False, never written as zeros. With the token means saved
-# the backward does not read h (saved for its shape only): dh of every kept token of a sample is the
-# same function of the sample's mean, so it reads B*D values and writes dh.
-
-
-def _goodness_setup(ctx, inputs, output):
-    h, kind, skip_tokens = inputs
-    _g, mean = output
-    ctx.mark_non_differentiable(mean)
-    ctx.save_for_backward(h, mean)
-    ctx.kind, ctx.skip_tokens = kind, skip_tokens
-
-
-def _goodness_backward(ctx, grad, _grad_mean):
-    if grad is None:  # grads are not materialized (see register): g unused
-        return None, None, None
-    h, mean = ctx.saved_tensors
-    return call_backward_op(torch.ops.ffkern.goodness_backward, grad, h, ctx.kind, ctx.skip_tokens, mean), None, None
-
-
-_autograd.register("goodness_fused", _goodness_backward, setup_context=_goodness_setup, materialize_grads=False)
-
-
-def _pair_loss_setup(ctx, inputs, output):
-    h_pos, h_neg, loss, param, kind, skip_tokens, activity_term = inputs
-    _loss, activity, mean_pos, mean_neg = output
-    ctx.mark_non_differentiable(activity, mean_pos, mean_neg)
-    ctx.save_for_backward(h_pos, h_neg, activity if activity_term else None, mean_pos, mean_neg)
-    ctx.options = (loss, param, kind, skip_tokens)
-
-
-def _pair_loss_backward(ctx, grad, *_grad_saved):
-    if grad is None:  # grads are not materialized (see register): the loss unused
-        return None, None, None, None, None, None, None
-    h_pos, h_neg, activity, mean_pos, mean_neg = ctx.saved_tensors
-    d_pos, d_neg = call_backward_op(torch.ops.ffkern.pair_loss_backward, grad, h_pos, h_neg, *ctx.options, activity,
-                                    mean_pos, mean_neg)
-    return d_pos, d_neg, None, None, None, None, None
-
-
-_autograd.register("pair_loss_fused", _pair_loss_backward, setup_context=_pair_loss_setup, materialize_grads=False)
+# The autograd of the fused FF operators (goodness_fused, pair_loss_fused) is registered in C++
+# (csrc/ff_autograd.cpp): a Python Autograd kernel costs ~10 us on every call of the operator, with
+# or without grad, several per cent of an FF loss at 2^20 elements. It refuses the same modes with
+# the same messages as _op_autograd; their *_backward operators keep the registrations above, which
+# refuse double backward.
