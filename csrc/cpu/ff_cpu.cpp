@@ -291,7 +291,7 @@ bool can_stream() { return false; }
 void store_fence() {}
 #endif
 
-bool stream_output(int64_t output_bytes) { static const int64_t lim = getenv("XX_STREAM") ? atoll(getenv("XX_STREAM")) : kStreamBytes; return output_bytes >= lim && can_stream(); }
+bool stream_output(int64_t output_bytes) { return output_bytes >= kStreamBytes && can_stream(); }
 
 // write_grad for float32 with streaming stores (same values as write_grad).
 void write_grad_streamed(float* dh, int64_t tokens, int64_t dim, int64_t skip, const float* m, float d0, float d1,
