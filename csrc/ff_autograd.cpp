@@ -68,7 +68,7 @@ bool needs_graph(std::initializer_list<const at::Tensor*> tensors) {
 }
 
 using GoodnessOut = std::tuple<at::Tensor, at::Tensor>;
-using PairOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using PairOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 const c10::TypedOperatorHandle<GoodnessOut(const at::Tensor&, std::string, int64_t)>& goodness_fused_op() {
   static const auto op = c10::Dispatcher::singleton()
@@ -99,7 +99,8 @@ pair_loss_fused_op() {
 
 using PairBackward = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, std::string, double, std::string, int64_t,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&);
 
 const c10::TypedOperatorHandle<PairBackward>& pair_loss_backward_op() {
   static const auto op =
@@ -146,16 +147,16 @@ struct PairLossFunction : public torch::autograd::Function<PairLossFunction> {
                                std::string loss, double param, std::string kind, int64_t skip_tokens,
                                bool activity_term) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [value, activity, mean_pos, mean_neg] =
+    auto [value, activity, mean_pos, mean_neg, energies] =
         pair_loss_fused_op().call(h_pos, h_neg, loss, param, kind, skip_tokens, activity_term);
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({activity, mean_pos, mean_neg});
-    ctx->save_for_backward({h_pos, h_neg, activity_term ? activity : at::Tensor(), mean_pos, mean_neg});
+    ctx->mark_non_differentiable({activity, mean_pos, mean_neg, energies});
+    ctx->save_for_backward({h_pos, h_neg, activity_term ? activity : at::Tensor(), mean_pos, mean_neg, energies});
     ctx->saved_data["loss"] = loss;
     ctx->saved_data["param"] = param;
     ctx->saved_data["kind"] = kind;
     ctx->saved_data["skip_tokens"] = skip_tokens;
-    return {value, activity, mean_pos, mean_neg};
+    return {value, activity, mean_pos, mean_neg, energies};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -170,7 +171,7 @@ struct PairLossFunction : public torch::autograd::Function<PairLossFunction> {
         saved[2].defined() ? std::optional<at::Tensor>(saved[2]) : std::optional<at::Tensor>();
     auto [d_pos, d_neg] = call_backward([&] {
       return pair_loss_backward_op().call(grads[0], saved[0], saved[1], loss, param, kind, skip_tokens, activity,
-                                          saved[3], saved[4]);
+                                          saved[3], saved[4], saved[5]);
     });
     out[0] = d_pos;
     out[1] = d_neg;
@@ -196,7 +197,7 @@ PairOut pair_loss_fused_autograd(const at::Tensor& h_pos, const at::Tensor& h_ne
     return pair_loss_fused_op().call(h_pos, h_neg, loss, param, kind, skip_tokens, activity_term);
   }
   auto out = PairLossFunction::apply(h_pos, h_neg, loss, param, kind, skip_tokens, activity_term);
-  return {out[0], out[1], out[2], out[3]};
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 }  // namespace

@@ -55,21 +55,25 @@ TORCH_LIBRARY(ffkern, m) {
   // Pair losses, loss in {"ff", "symba", "sffa"}; param = threshold (ff), alpha (symba), unused
   // (sffa). activity_term (sffa only): SFFA's factor A = 1 + exp(-10 (mu+ + mu-)) (SPEC 2), fused:
   // the forward kernels sum the activations in the pass that computes the energies.
-  // pair_loss_fused returns (L, activity, means of h_pos, means of h_neg): the 0-dim loss (L_S A
-  // with the term), (L_S, A) [2] for the backward (an empty tensor without the term), and the token
-  // means as goodness_fused returns them; its autograd: ff_autograd.cpp.
+  // pair_loss_fused returns (L, activity, means of h_pos, means of h_neg, energies): the 0-dim loss
+  // (L_S A with the term), (L_S, A) [2] for the backward (an empty tensor without the term), the
+  // token means as goodness_fused returns them, and the per-sample energies (E0+, E1+, E0-, E1-)
+  // [B, 4] in the accumulation type (the CPU kernels; the CUDA kernels return an empty tensor and
+  // form them again in the backward). Its autograd: ff_autograd.cpp.
   m.def(
       "pair_loss_fused(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens, "
-      "bool activity_term) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool activity_term) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The 0-dim loss only: pair_loss_fused's first output (CompositeImplicitAutograd, below).
   m.def(
       "pair_loss(Tensor h_pos, Tensor h_neg, str loss, float param, str kind, int skip_tokens, "
       "bool activity_term=False) -> Tensor");
   // (dL/dh_pos, dL/dh_neg); activity: pair_loss_fused's (L_S, A) for the loss with SFFA's factor;
-  // mean_pos, mean_neg: its token means (as goodness_backward's mean).
+  // mean_pos, mean_neg: its token means (as goodness_backward's mean); energies: its energies (None
+  // or empty: formed again from the means or h; the CUDA kernels always form them).
   m.def(
       "pair_loss_backward(Tensor grad, Tensor h_pos, Tensor h_neg, str loss, float param, str kind, "
-      "int skip_tokens, Tensor? activity=None, Tensor? mean_pos=None, Tensor? mean_neg=None) -> (Tensor, Tensor)");
+      "int skip_tokens, Tensor? activity=None, Tensor? mean_pos=None, Tensor? mean_neg=None, "
+      "Tensor? energies=None) -> (Tensor, Tensor)");
 }
 
 namespace ffkern {
@@ -108,7 +112,7 @@ at::Tensor goodness(const at::Tensor& h, std::string kind, int64_t skip_tokens) 
 
 at::Tensor pair_loss(const at::Tensor& h_pos, const at::Tensor& h_neg, std::string loss, double param,
                      std::string kind, int64_t skip_tokens, bool activity_term) {
-  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto fused =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("ffkern::pair_loss_fused", "")

@@ -226,7 +226,7 @@ def test_forward_returns_the_token_means(ops, shape, skip, dtype):
     assert mean.dtype == acc and mean.shape == expected.shape
     close(mean, expected, 1e-12 if dtype == torch.float64 else 1e-6, "token means")
     assert torch.equal(g, ops.goodness(hp, "mean", skip))
-    loss, activity, mean_p, mean_n = ops.pair_loss_fused(hp, hn, "symba", 4.0, "mean", skip, False)
+    loss, activity, mean_p, mean_n, _ = ops.pair_loss_fused(hp, hn, "symba", 4.0, "mean", skip, False)
     assert activity.numel() == 0 and torch.equal(mean_p, mean) and mean_n.shape == expected.shape
     assert torch.equal(loss, ops.pair_loss(hp, hn, "symba", 4.0, "mean", skip))
 
@@ -242,7 +242,7 @@ def test_backward_from_saved_means_does_not_read_h(ops, dtype):
     _, mean = ops.goodness_fused(hp, "sum", 1)
     expected = ops.goodness_backward(grad_b, hp, "sum", 1)
     assert torch.equal(ops.goodness_backward(grad_b, nan, "sum", 1, mean), expected)
-    loss, activity, mp, mn = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, True)
+    loss, activity, mp, mn, _ = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, True)
     grad = torch.tensor(0.75, dtype=mean.dtype)
     expected = ops.pair_loss_backward(grad, hp, hn, "sffa", 0.0, "mean", 1, activity)
     got = ops.pair_loss_backward(grad, nan, nan, "sffa", 0.0, "mean", 1, activity, mp, mn)
@@ -299,8 +299,8 @@ def test_sffa_activity_outputs(ops):
     """pair_loss_fused: (L_S A, (L_S, A), ...) with the term, (L_S, empty, ...) without it."""
     gen = torch.Generator().manual_seed(3)
     hp, hn = (torch.rand(5, 4, 6, generator=gen, dtype=torch.float64) * 0.3 for _ in range(2))
-    loss, activity, _, _ = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, True)
-    plain, none, _, _ = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, False)
+    loss, activity, _, _, _ = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, True)
+    plain, none, _, _, _ = ops.pair_loss_fused(hp, hn, "sffa", 0.0, "mean", 1, False)
     assert none.numel() == 0 and activity.shape == (2,)
     a = reference.sffa_activity(hp, hn, 1)
     close(activity, torch.stack([plain, a]), 1e-12, "(L_S, A)")

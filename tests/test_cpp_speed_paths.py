@@ -262,12 +262,45 @@ def test_pair_backward_without_saved_means_matches_with_them():
     ops = torch.ops.ffkern
     gen = torch.Generator().manual_seed(23)
     hp, hn = torch.randn(300, 6, 80, generator=gen), torch.randn(300, 6, 80, generator=gen)
-    _, _, mp, mn = ops.pair_loss_fused(hp, hn, "symba", 4.0, "mean", 1, False)
+    _, _, mp, mn, _ = ops.pair_loss_fused(hp, hn, "symba", 4.0, "mean", 1, False)
     grad = torch.tensor(1.0)
     saved = ops.pair_loss_backward(grad, hp, hn, "symba", 4.0, "mean", 1, None, mp, mn)
     recomputed = ops.pair_loss_backward(grad, hp, hn, "symba", 4.0, "mean", 1, None, None, None)
     for s, r, what in zip(saved, recomputed, ("dh_pos", "dh_neg")):
         close(r, s, 1e-6 * s.abs().max().item(), what)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("loss,param", [("ff", 1.0), ("symba", 4.0), ("sffa", 0.0)])
+@pytest.mark.parametrize("shape,skip", [((300, 80), 0), ((300, 6, 80), 1), ((70, 3, 40), 2)],
+                         ids=["BD", "BTD-skip1", "BTD-one-kept"])
+def test_pair_forward_saves_the_energies_the_backward_would_form(ops, shape, skip, loss, param, dtype):
+    """pair_loss_fused's fifth output: (E0+, E1+, E0-, E1-) per sample, the halves' energies of the
+    token means (SPEC 2), in the accumulation type. Given them, pair_loss_backward skips forming them
+    again (at [B, D] a second read of h): the same gradient bit for bit as without them."""
+    gen = torch.Generator().manual_seed(24)
+    hp, hn = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    _, _, mp, mn, energies = ops.pair_loss_fused(hp, hn, loss, param, "mean", skip, False)
+    assert energies.dtype == acc and energies.shape == (shape[0], 4)
+    half = shape[-1] // 2
+    expected = []
+    for h in (hp, hn):
+        m = h.double() if h.dim() == 2 else h.double()[:, skip:].mean(1)
+        expected += [m[:, :half].square().sum(1), m[:, half:].square().sum(1)]
+    close(energies, torch.stack(expected, 1), 1e-12 if dtype == torch.float64 else 1e-5, "energies")
+    grad = torch.tensor(1.5, dtype=acc)
+    activity = ops.pair_loss_fused(hp, hn, loss, param, "mean", skip, True)[1] if loss == "sffa" else None
+    given = ops.pair_loss_backward(grad, hp, hn, loss, param, "mean", skip, activity, mp, mn, energies)
+    formed = ops.pair_loss_backward(grad, hp, hn, loss, param, "mean", skip, activity, mp, mn, None)
+    for a, b in zip(given, formed):
+        assert torch.equal(a, b)
+    other = ops.pair_loss_backward(grad, hp, hn, loss, param, "mean", skip, activity, mp, mn, energies * 2)
+    assert not torch.equal(other[0], given[0]), "the given energies were not used"
+    with pytest.raises(RuntimeError, match=r"energies must be \[B, 4\]"):
+        ops.pair_loss_backward(grad, hp, hn, loss, param, "mean", skip, activity, mp, mn, energies[:, :2])
+    with pytest.raises(RuntimeError, match="energies must be"):
+        ops.pair_loss_backward(grad, hp, hn, loss, param, "mean", skip, activity, mp, mn, energies.half())
 
 
 @pytest.mark.parametrize("shape,skip", [((2048, 1040), 0), ((1024, 9, 520), 1)], ids=["BD", "BTD-skip1-unaligned"])

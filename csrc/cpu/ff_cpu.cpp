@@ -539,6 +539,22 @@ const at::Tensor* saved_mean(const char* name, const std::optional<at::Tensor>& 
   return &*mean;
 }
 
+// pair_loss_fused's per-sample energies given to pair_loss_backward: defined and non-empty, else
+// null (formed again from the means or h).
+const at::Tensor* saved_energies(const std::optional<at::Tensor>& energies, const at::Tensor& h,
+                                 const TokenShape& s) {
+  if (!energies.has_value() || !energies->defined() || energies->numel() == 0) return nullptr;
+  TORCH_CHECK(energies->dim() == 2 && energies->size(0) == s.batch && energies->size(1) == 4,
+              "energies must be [B, 4] = [", s.batch, ", 4] (the forward's (E0+, E1+, E0-, E1-)), got shape ",
+              energies->sizes());
+  TORCH_CHECK(energies->scalar_type() == compute_type(h.scalar_type()), "energies must be ",
+              compute_type(h.scalar_type()), " (the accumulation type of ", h.scalar_type(), "), got ",
+              energies->scalar_type());
+  TORCH_CHECK(energies->device() == h.device() && energies->is_contiguous(), "energies must be contiguous, on ",
+              h.device());
+  return &*energies;
+}
+
 // The energies of n samples for a backward: from their saved token means (saved non-null: [n, D],
 // acc type; T' rows of dh are the same function of the mean) or from h (n samples of [T, D]), means
 // formed at m + j * dim where needed. Sets means[j], is_row[j] for write_grad (is_row: the mean is
@@ -637,7 +653,8 @@ void check_activity(bool activity_term, int loss, const std::string& loss_name) 
 // Returns (L, activity, means of h+, means of h-): L the 0-dim loss (L_S A with the activity term),
 // activity = (L_S, A) [2] for the backward with the term (an empty tensor without it), and the token
 // means [B, D] for the backward (token_mean_output).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in, const at::Tensor& hn_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in,
+                                                                                       const at::Tensor& hn_in,
                                                    std::string loss_name, double param, std::string kind,
                                                    int64_t skip_tokens, bool activity_term) {
   const int loss = parse_pair_loss(loss_name);
@@ -649,12 +666,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const
   at::Tensor out = at::empty({}, hp.options().dtype(ct));
   at::Tensor activity = at::empty({activity_term ? 2 : 0}, hp.options().dtype(ct));
   at::Tensor means_p = token_mean_output(hp, s, skip_tokens), means_n = token_mean_output(hn, s, skip_tokens);
+  // (E0+, E1+, E0-, E1-) per sample, for the backward: without them it reads h once more (where the
+  // mean is a row of h) only to form them again before writing dh
+  at::Tensor energies = at::empty({s.batch, 4}, hp.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hp.scalar_type(), "ffkern_pair_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = hp.data_ptr<scalar_t>();
     const scalar_t* np = hn.data_ptr<scalar_t>();
     acc_t* mpp = means_p.numel() ? means_p.data_ptr<acc_t>() : nullptr;
     acc_t* mnp = means_n.numel() ? means_n.data_ptr<acc_t>() : nullptr;
+    acc_t* ep = energies.data_ptr<acc_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
     // per sample: the loss term, and with the activity term the sums of the token means of h+, h-
     const int64_t per = activity_term ? 3 : 1;
@@ -678,6 +699,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const
                                           activity_term ? sums_n : nullptr, means_b, is_row);
         Block<acc_t>::terms(loss, acc_t(param), gscale, e, n, block_terms);
         for (int64_t j = 0; j < n; ++j) {
+          acc_t* ej = ep + (b + j) * 4;
+          ej[0] = e.e0p[j], ej[1] = e.e1p[j], ej[2] = e.e0n[j], ej[3] = e.e1n[j];
           terms[(b + j) * per] = block_terms[j];
           if (activity_term) {
             terms[(b + j) * per + 1] = sums_p[j];
@@ -705,7 +728,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const
     act[1] = a;
     out.fill_(acc_t(loss_s) * a);
   });
-  return {out, activity, means_p, means_n};
+  return {out, activity, means_p, means_n, energies};
 }
 
 // (L_S, A) from pair_loss_fused's activity output, when given (as doubles; has = false without it).
@@ -731,12 +754,14 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
                                                       std::string kind, int64_t skip_tokens,
                                                       const std::optional<at::Tensor>& activity_in,
                                                       const std::optional<at::Tensor>& mean_pos,
-                                                      const std::optional<at::Tensor>& mean_neg) {
+                                                      const std::optional<at::Tensor>& mean_neg,
+                                                      const std::optional<at::Tensor>& energies_in) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
   TORCH_CHECK(grad_in.numel() == 1, "grad must hold one value (the loss is a scalar), got shape ", grad_in.sizes());
   const Activity activity = read_activity(activity_in, loss, loss_name);
+  const at::Tensor* saved_e = saved_energies(energies_in, hp_in, s);
   const at::Tensor* saved_p = saved_mean("mean_pos", mean_pos, hp_in, s);
   const at::Tensor* saved_n = saved_mean("mean_neg", mean_neg, hn_in, s);
   // h is read only where its means were not saved (else only its shape matters: no contiguous copy)
@@ -751,6 +776,7 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
     const scalar_t* np = saved_n != nullptr ? nullptr : hn.data_ptr<scalar_t>();
     const acc_t* smp = saved_p != nullptr ? saved_p->data_ptr<acc_t>() : nullptr;
     const acc_t* smn = saved_n != nullptr ? saved_n->data_ptr<acc_t>() : nullptr;
+    const acc_t* se = saved_e != nullptr ? saved_e->data_ptr<acc_t>() : nullptr;
     scalar_t* dpp = dhp.data_ptr<scalar_t>();
     scalar_t* dnp = dhn.data_ptr<scalar_t>();
     const acc_t gscale = mean ? acc_t(1) / acc_t(s.dim) : acc_t(1);
@@ -772,11 +798,19 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad_in,
       bool row_p[kBlock], row_n[kBlock];
       for (int64_t b = b0; b < b1; b += block) {
         const int64_t n = std::min(block, b1 - b), off = b * s.tokens * s.dim;
+        if (se != nullptr) {  // the forward's energies (the same values it would form again here)
+          for (int64_t j = 0; j < n; ++j) {
+            const acc_t* ej = se + (b + j) * 4;
+            e.e0p[j] = ej[0], e.e1p[j] = ej[1], e.e0n[j] = ej[2], e.e1n[j] = ej[3];
+          }
+        }
+        // with saved energies only the means (the rows of h in place, or formed where not saved)
         backward_energies<scalar_t, acc_t>(smp != nullptr ? smp + b * s.dim : nullptr, pp + (pp != nullptr ? off : 0),
-                                           n, s.tokens, s.dim, skip_tokens, mbuf, e.e0p, e.e1p, mean_p, row_p);
+                                           n, s.tokens, s.dim, skip_tokens, mbuf, se ? nullptr : e.e0p, e.e1p, mean_p,
+                                           row_p);
         backward_energies<scalar_t, acc_t>(smn != nullptr ? smn + b * s.dim : nullptr, np + (np != nullptr ? off : 0),
-                                           n, s.tokens, s.dim, skip_tokens, mbuf + block * s.dim, e.e0n, e.e1n,
-                                           mean_n, row_n);
+                                           n, s.tokens, s.dim, skip_tokens, mbuf + block * s.dim,
+                                           se ? nullptr : e.e0n, e.e1n, mean_n, row_n);
         Block<acc_t>::grads(loss, acc_t(param), gscale, e, scale, n, dp0, dp1, dn0, dn1);
         Sample<scalar_t, acc_t>::grads(dpp + off, n, s.tokens, s.dim, skip_tokens, mean_p, row_p, dp0, dp1, stream,
                                        activity.has, shift);

@@ -148,11 +148,11 @@ void check_activity(bool activity_term, int loss, const std::string& loss_name) 
               "'");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const at::Tensor& hp_in,
-                                                                           const at::Tensor& hn_in,
-                                                                           std::string loss_name, double param,
-                                                                           std::string kind, int64_t skip_tokens,
-                                                                           bool activity_term) {
+// The fifth output, the per-sample energies, is empty: the CUDA backward forms them again from h
+// or the saved means (the schema's contract, csrc/ffkern_ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(
+    const at::Tensor& hp_in, const at::Tensor& hn_in, std::string loss_name, double param, std::string kind,
+    int64_t skip_tokens, bool activity_term) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);
@@ -170,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_fused(const
                                 saved ? means_p.data_ptr() : nullptr, saved ? means_n.data_ptr() : nullptr,
                                 terms.data_ptr(), stream()),
         "pair_loss");
-  return {out, activity, means_p, means_n};
+  return {out, activity, means_p, means_n, at::empty({0}, hp.options().dtype(ct))};
 }
 
 std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad, const at::Tensor& hp_in,
@@ -178,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor> pair_loss_backward(const at::Tensor& grad, co
                                                       std::string kind, int64_t skip_tokens,
                                                       const std::optional<at::Tensor>& activity_in,
                                                       const std::optional<at::Tensor>& mean_pos,
-                                                      const std::optional<at::Tensor>& mean_neg) {
+                                                      const std::optional<at::Tensor>& mean_neg,
+                                                      const std::optional<at::Tensor>& /*energies: formed again*/) {
   const int loss = parse_pair_loss(loss_name);
   const bool mean = parse_kind_is_mean(kind);
   const TokenShape s = check_pair(hp_in, hn_in, loss, skip_tokens);

@@ -63,13 +63,16 @@ def _goodness_backward_fake(grad, h, kind, skip_tokens, mean=None):
 @torch.library.register_fake("ffkern::pair_loss_fused")
 def _pair_loss_fused_fake(h_pos, h_neg, loss, param, kind, skip_tokens, activity_term):
     dt = _compute_dtype(h_pos.dtype)
+    # the per-sample energies [B, 4]: the CPU kernels return them, the CUDA kernels an empty tensor
+    energies = (h_pos.shape[0], 4) if h_pos.device.type == "cpu" else (0,)
     return (h_pos.new_empty((), dtype=dt), h_pos.new_empty(2 if activity_term else 0, dtype=dt),
-            _token_means_fake(h_pos, skip_tokens), _token_means_fake(h_neg, skip_tokens))
+            _token_means_fake(h_pos, skip_tokens), _token_means_fake(h_neg, skip_tokens),
+            h_pos.new_empty(energies, dtype=dt))
 
 
 @torch.library.register_fake("ffkern::pair_loss_backward")
 def _pair_loss_backward_fake(grad, h_pos, h_neg, loss, param, kind, skip_tokens, activity=None, mean_pos=None,
-                             mean_neg=None):
+                             mean_neg=None, energies=None):
     return (torch.empty_like(h_pos, memory_format=torch.contiguous_format),
             torch.empty_like(h_neg, memory_format=torch.contiguous_format))
 
