@@ -93,13 +93,25 @@ FFKERN_ALWAYS_INLINE typename Parts<acc_t>::Vec load_part(const T* x) {
   return v;
 }
 
-// Sum of squares of n values (partial sums, then the lane tree; the tail of n % kLanes values
-// added in order, then the tree).
+// Sum of squares of n values: 2 kLanes partial sums while 2 kLanes values are left, folded to kLanes
+// (lane k + lane k + kLanes), then kLanes at a time, then the lane tree; the tail of the last
+// n % kLanes values added in order, then the tree. Two sets of accumulators: with one, each add
+// waited for the previous one's result (an add's latency per 64 bytes: 48 GB/s from L3 on one core
+// of the AVX2 EPYC where torch's sum reads 68 GB/s).
 template <typename T, typename acc_t>
 FFKERN_ALWAYS_INLINE acc_t sum_squares(const T* x, int64_t n) {
   constexpr int W = Parts<acc_t>::W, P = Parts<acc_t>::P;
-  Parts<acc_t> lanes = {};
+  Parts<acc_t> lanes = {}, more = {};
   int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    for (int p = 0; p < P; ++p) {
+      const auto v = load_part<T, acc_t>(x + i + p * W);
+      const auto u = load_part<T, acc_t>(x + i + kLanes + p * W);
+      lanes.v[p] += v * v;
+      more.v[p] += u * u;
+    }
+  }
+  for (int p = 0; p < P; ++p) lanes.v[p] += more.v[p];
   for (; i + kLanes <= n; i += kLanes) {
     for (int p = 0; p < P; ++p) {
       const auto v = load_part<T, acc_t>(x + i + p * W);
@@ -111,12 +123,27 @@ FFKERN_ALWAYS_INLINE acc_t sum_squares(const T* x, int64_t n) {
   return tail + lane_sum<acc_t>(lanes);
 }
 
-// sum_squares and, in the same pass, the plain sum of the n values (*sum; SFFA's activity term).
+// sum_squares and, in the same pass, the plain sum of the n values (*sum; SFFA's activity term),
+// in the same order.
 template <typename T, typename acc_t>
 FFKERN_ALWAYS_INLINE acc_t sum_squares_and_sum(const T* x, int64_t n, acc_t* sum) {
   constexpr int W = Parts<acc_t>::W, P = Parts<acc_t>::P;
-  Parts<acc_t> lanes = {}, plain = {};
+  Parts<acc_t> lanes = {}, plain = {}, more = {}, more_plain = {};
   int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    for (int p = 0; p < P; ++p) {
+      const auto v = load_part<T, acc_t>(x + i + p * W);
+      const auto u = load_part<T, acc_t>(x + i + kLanes + p * W);
+      lanes.v[p] += v * v;
+      plain.v[p] += v;
+      more.v[p] += u * u;
+      more_plain.v[p] += u;
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    lanes.v[p] += more.v[p];
+    plain.v[p] += more_plain.v[p];
+  }
   for (; i + kLanes <= n; i += kLanes) {
     for (int p = 0; p < P; ++p) {
       const auto v = load_part<T, acc_t>(x + i + p * W);
