@@ -84,12 +84,21 @@ def timed(fn):
     return time.perf_counter() - t
 
 
+def cpu_model():
+    """The CPU's model name (the development and CI machines differ: Xeon with AVX-512, EPYC with AVX2)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return platform.processor() or None
+
+
 def machine():
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     isa = [k for k in ("avx512_f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_fp16")
            if caps.get(k)]
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "isa": isa, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
