@@ -2,7 +2,9 @@
 torch.ops.ffkern_triton::* of "triton"): first-order reverse mode, and a clear refusal of the rest.
 
 Each backend defines its operators with a schema (so that torch.compile(fullgraph=True) treats
-them as opaque calls with fake implementations) and registers here the backward formula of each.
+them as opaque calls with fake implementations) and registers here the backward formula of each
+(the cpp backend's fused FF operators excepted: their autograd is C++, csrc/ff_autograd.cpp, with
+the same refusals and messages, as a Python Autograd kernel costs ~10 us on every call).
 Only first-order reverse mode (loss.backward(), torch.autograd.grad) is implemented. The other
 modes would otherwise go wrong silently or with a message about torch internals, so each operator
 refuses them with one naming ffkern, the backend and the public function:

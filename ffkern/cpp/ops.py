@@ -1,5 +1,7 @@
 """Python registrations of the ffkern::* operators: fake (meta) implementations, so that the ops
-trace under torch.compile(fullgraph=True), and autograd formulas (torch.library.register_autograd).
+trace under torch.compile(fullgraph=True), and autograd formulas (torch.library.register_autograd)
+of the SupCon ops and of the *_backward ops (which refuse double backward); the fused FF ops'
+autograd is C++ (csrc/ff_autograd.cpp).
 
 The C++ schemas name this module (m.set_python_module("ffkern.cpp.ops")). Importing it loads the
 compiled library first (building it if needed; see ffkern.cpp.build).
