@@ -94,6 +94,10 @@ def op_samples(device):
                                 torch.tensor([0.7, 1.3], device=device))),
         ("pair_loss_backward", (torch.tensor(1.5, device=device), h3, h3.flip(0), "ff", 1.0, "mean", 2, None,
                                 h3[:, 2:].mean(1), h3.flip(0)[:, 2:].mean(1))),
+        # with pair_loss_fused's per-sample energies (E0+, E1+, E0-, E1-) (the CUDA kernels form them)
+        ("pair_loss_backward", (torch.tensor(1.5, device=device), h2p, h2n, "ff", 1.0, "mean", 0, None, None, None,
+                                torch.stack([h[:, s].square().sum(1) for h in (h2p, h2n)
+                                             for s in (slice(0, 2), slice(2, 4))], 1).contiguous())),
     ]
 
 
