@@ -96,7 +96,8 @@ class OperatorAutograd:
         materialize_grads=False: the backward receives None, not a tensor of zeros, for an output
         whose gradient is undefined (a saved statistic marked non-differentiable, or a result the
         caller did not use); autograd otherwise writes a zero tensor of every such output per call
-        (the [B, D] token means of the FF ops: a fill of 1/T of h's bytes, ~5 % of the FF backward)."""
+        (the [B, D] token means of the FF ops, ~5 % of their backward, before their autograd moved to
+        C++; now SupCon's unused loss or lse output)."""
         qualname = f"{self.namespace}::{name}"
         if not materialize_grads:
             setup_context = _without_materialized_grads(setup_context)
